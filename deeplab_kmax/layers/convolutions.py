@@ -1,0 +1,252 @@
+"""Convolution wrappers with DeepLab's padding and optional norm + activation.
+
+Strided convolutions pad symmetrically (kernel aligned with the top-left
+corner), unlike Keras 'same' padding, so features stay aligned with the input
+grid across strides; odd crops such as 129 or 641 then map exactly onto
+(129 - 1) / stride + 1 positions.
+
+Checkpoint compatibility fixes the private attribute names used here: the
+convolution is `_conv` (`_depthwise_conv` for depthwise), the norm is
+`_batch_norm`, and a separable convolution holds `_depthwise` and
+`_pointwise`. DeepLab2 checkpoints address variables by these names.
+"""
+
+from typing import Optional, Tuple
+
+import tensorflow as tf
+import tf_keras
+
+from deeplab_kmax.layers import activations
+from deeplab_kmax.layers import normalization
+
+
+def symmetric_padding(kernel_size: int, dilation: int) -> Tuple[int, int]:
+  """Padding (before, after) that centres a dilated kernel."""
+  effective = kernel_size + (kernel_size - 1) * (dilation - 1)
+  total = effective - 1
+  return total // 2, total - total // 2
+
+
+def _regulariser(weight_decay: float):
+  return tf_keras.regularizers.l2(weight_decay) if weight_decay else None
+
+
+class _ConvNormAct(tf_keras.layers.Layer):
+  """Shared tail: optional norm then optional activation."""
+
+  def _init_tail(self, use_bn: bool, bn_layer: normalization.NormLayer,
+                 bn_axis: int, gamma_init: str,
+                 activation: Optional[str]):
+    if use_bn:
+      self._batch_norm = bn_layer(
+          axis=bn_axis, name='batch_norm',
+          gamma_initializer=gamma_init)
+    self._use_bn = use_bn
+    self._act = activations.get_activation(activation)
+
+  def _apply_tail(self, x: tf.Tensor, training) -> tf.Tensor:
+    if self._use_bn:
+      x = self._batch_norm(x, training=training)
+    if self._act is not None:
+      x = self._act(x)
+    return x
+
+
+class Conv2DSame(_ConvNormAct):
+  """2-D convolution with symmetric padding, optional norm and activation."""
+
+  def __init__(self,
+               output_channels: int,
+               kernel_size: int,
+               name: str,
+               strides: int = 1,
+               atrous_rate: int = 1,
+               use_bias: bool = True,
+               use_bn: bool = False,
+               bn_layer: normalization.NormLayer = (
+                   tf_keras.layers.BatchNormalization),
+               gamma_init: str = 'ones',
+               activation: Optional[str] = None,
+               weight_decay: float = 0.0,
+               kernel_init='he_normal'):
+    super().__init__(name=name)
+    if use_bn and use_bias:
+      raise ValueError(f'{name}: a convolution followed by batch norm must '
+                       'not have a bias (use_bias and use_bn both set).')
+    self._strides = strides
+    self._padding = None
+    if strides != 1:
+      self._padding = symmetric_padding(kernel_size, atrous_rate)
+    self._conv = tf_keras.layers.Conv2D(
+        output_channels,
+        kernel_size,
+        strides=strides,
+        padding='same' if strides == 1 else 'valid',
+        use_bias=use_bias,
+        dilation_rate=atrous_rate,
+        kernel_initializer=kernel_init,
+        kernel_regularizer=_regulariser(weight_decay),
+        name='conv')
+    self._init_tail(use_bn, bn_layer, 3, gamma_init, activation)
+
+  def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
+    x = inputs
+    if self._padding is not None:
+      before, after = self._padding
+      x = tf.pad(x, [[0, 0], [before, after], [before, after], [0, 0]])
+    return self._apply_tail(self._conv(x), training)
+
+
+class DepthwiseConv2DSame(_ConvNormAct):
+  """Depthwise 2-D convolution with symmetric padding."""
+
+  def __init__(self,
+               kernel_size: int,
+               name: str,
+               strides: int = 1,
+               atrous_rate: int = 1,
+               use_bias: bool = True,
+               use_bn: bool = False,
+               bn_layer: normalization.NormLayer = (
+                   tf_keras.layers.BatchNormalization),
+               activation: Optional[str] = None):
+    super().__init__(name=name)
+    if use_bn and use_bias:
+      raise ValueError(f'{name}: a depthwise convolution followed by batch '
+                       'norm must not have a bias.')
+    self._padding = None
+    if strides != 1:
+      self._padding = symmetric_padding(kernel_size, atrous_rate)
+    self._depthwise_conv = tf_keras.layers.DepthwiseConv2D(
+        kernel_size=kernel_size,
+        strides=strides,
+        padding='same' if strides == 1 else 'valid',
+        use_bias=use_bias,
+        dilation_rate=atrous_rate,
+        name='depthwise_conv')
+    self._init_tail(use_bn, bn_layer, 3, 'ones', activation)
+
+  def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
+    x = inputs
+    if self._padding is not None:
+      before, after = self._padding
+      x = tf.pad(x, [[0, 0], [before, after], [before, after], [0, 0]])
+    return self._apply_tail(self._depthwise_conv(x), training)
+
+
+class SeparableConv2DSame(tf_keras.layers.Layer):
+  """Depthwise then pointwise convolution, each with its own norm + act."""
+
+  def __init__(self,
+               output_channels: int,
+               kernel_size: int,
+               name: str,
+               strides: int = 1,
+               atrous_rate: int = 1,
+               use_bias: bool = True,
+               use_bn: bool = False,
+               bn_layer: normalization.NormLayer = (
+                   tf_keras.layers.BatchNormalization),
+               activation: Optional[str] = None):
+    super().__init__(name=name)
+    self._depthwise = DepthwiseConv2DSame(
+        kernel_size, name='depthwise', strides=strides,
+        atrous_rate=atrous_rate, use_bias=use_bias, use_bn=use_bn,
+        bn_layer=bn_layer, activation=activation)
+    self._pointwise = Conv2DSame(
+        output_channels, 1, name='pointwise', use_bias=use_bias,
+        use_bn=use_bn, bn_layer=bn_layer, activation=activation)
+
+  def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
+    return self._pointwise(self._depthwise(inputs, training=training),
+                           training=training)
+
+
+def conv_bn_act_name(index: int, use_bn: bool,
+                     activation: Optional[str]) -> str:
+  """Attribute name DeepLab2 gives the index-th conv of a stack.
+
+  For example `_conv1_bn_act`, `_conv2_bn` or `_conv3`; checkpoint keys
+  contain these names.
+  """
+  name = f'_conv{index + 1}'
+  if use_bn:
+    name += '_bn'
+  if activation not in (None, 'none', 'identity'):
+    name += '_act'
+  return name
+
+
+class StackedConv2DSame(tf_keras.layers.Layer):
+  """A stack of identical (standard or depthwise-separable) convolutions."""
+
+  def __init__(self,
+               num_layers: int,
+               conv_type: str,
+               output_channels: int,
+               kernel_size: int,
+               name: str,
+               strides: int = 1,
+               atrous_rate: int = 1,
+               use_bias: bool = True,
+               use_bn: bool = False,
+               bn_layer: normalization.NormLayer = (
+                   tf_keras.layers.BatchNormalization),
+               activation: Optional[str] = None):
+    super().__init__(name=name)
+    if conv_type == 'standard_conv':
+      conv_class = Conv2DSame
+    elif conv_type == 'depthwise_separable_conv':
+      conv_class = SeparableConv2DSame
+    else:
+      raise ValueError(f'{name}: conv_type must be "standard_conv" or '
+                       f'"depthwise_separable_conv", got {conv_type!r}.')
+    self._layer_names = []
+    for index in range(num_layers):
+      attr = conv_bn_act_name(index, use_bn, activation)
+      setattr(self, attr, conv_class(
+          output_channels, kernel_size, name=attr.lstrip('_'),
+          strides=strides, atrous_rate=atrous_rate, use_bias=use_bias,
+          use_bn=use_bn, bn_layer=bn_layer, activation=activation))
+      self._layer_names.append(attr)
+
+  def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
+    x = inputs
+    for attr in self._layer_names:
+      x = getattr(self, attr)(x, training=training)
+    return x
+
+
+class Conv1D(_ConvNormAct):
+  """Pointwise convolution over [B, L, C] sequences (the centres' MLPs)."""
+
+  def __init__(self,
+               output_channels: int,
+               name: str,
+               use_bias: bool = True,
+               use_bn: bool = False,
+               bn_layer: normalization.NormLayer = (
+                   tf_keras.layers.BatchNormalization),
+               gamma_init: str = 'ones',
+               activation: Optional[str] = None,
+               weight_decay: float = 0.0,
+               kernel_init='he_normal',
+               kernel_size: int = 1,
+               padding: str = 'valid'):
+    super().__init__(name=name)
+    if use_bn and use_bias:
+      raise ValueError(f'{name}: a convolution followed by batch norm must '
+                       'not have a bias (use_bias and use_bn both set).')
+    self._conv = tf_keras.layers.Conv1D(
+        output_channels,
+        kernel_size=kernel_size,
+        padding=padding,
+        use_bias=use_bias,
+        kernel_initializer=kernel_init,
+        kernel_regularizer=_regulariser(weight_decay),
+        name='conv')
+    # Inputs are [B, L, C]: channels sit on axis 2.
+    self._init_tail(use_bn, bn_layer, 2, gamma_init, activation)
+
+  def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
+    return self._apply_tail(self._conv(inputs), training)
