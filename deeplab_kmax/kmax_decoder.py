@@ -1,0 +1,196 @@
+"""kMaX transformer decoder: learned cluster centres refined by k-means blocks.
+
+The centres start from a learned [1, N, 256] table tiled over the batch and
+pass through k-means cross-attention blocks on pixel-decoder features from
+coarse to fine (by default 2 blocks each at strides 32, 16 and 8). The final
+centres are projected to class and mask embeddings for the prediction head.
+
+Every block has its own auxiliary predictor whose outputs (one dict per
+block, in order) are returned for deep supervision.
+
+Checkpoint names (DeepLab2 `KMaXTransformerDecoder`): `cluster_centers`,
+`_kmax_decoder/<i>/_block1_transformer/...`, `_class_embedding_projection`,
+`_mask_embedding_projection`.
+"""
+
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import tensorflow as tf
+import tf_keras
+
+from deeplab_kmax import heads
+from deeplab_kmax.layers import convolutions
+from deeplab_kmax.layers import kmeans_cross_attention
+from deeplab_kmax.layers import normalization
+
+# Pixel-decoder outputs consumed, coarsest first (strides 32, 16, 8).
+STAGE_FEATURE_KEYS = ('decoder_stage1', 'decoder_stage2', 'decoder_stage3')
+STAGE_STRIDES = (32, 16, 8)
+CENTER_CHANNELS = 256
+
+
+class KMaXTransformerDecoder(tf_keras.layers.Layer):
+  """Cluster centres -> six k-means blocks -> class / mask embeddings."""
+
+  def __init__(self,
+               num_mask_slots: int = 128,
+               num_classes: int = 134,
+               num_blocks: Sequence[int] = (2, 2, 2),
+               drop_path_keep_prob: float = 1.0,
+               use_sync_batchnorm: bool = True,
+               auxiliary_pixel_head_channels: int = 256,
+               auxiliary_mask_embedding_channels: int = 128,
+               auxiliary_head_conv_type: str = 'depthwise_separable_conv',
+               num_heads: int = 8,
+               feed_forward_channels: int = 2048,
+               activation: str = 'gelu',
+               void_prior_prob: float = 0.9,
+               name: str = 'kmax_transformer_decoder'):
+    """Builds the decoder.
+
+    Args:
+      num_mask_slots: number of cluster centres N (128 COCO/ADE20K, 256
+        Cityscapes).
+      num_classes: class-head outputs of the auxiliary predictors, void
+        included (134 COCO, 20 Cityscapes).
+      num_blocks: blocks at strides 32, 16 and 8.
+      drop_path_keep_prob: drop-path keep probability of every block's
+        residual branches (DeepLab2: 0.8 COCO/Cityscapes, 1.0 ADE20K).
+      use_sync_batchnorm: synchronised batch norm.
+      auxiliary_pixel_head_channels: 5x5 conv width of the auxiliary pixel
+        space heads.
+      auxiliary_mask_embedding_channels: auxiliary pixel/mask embedding size.
+      auxiliary_head_conv_type: conv type of the auxiliary pixel heads.
+      num_heads: heads of the centres' self-attention.
+      feed_forward_channels: hidden width of the centres' FFN.
+      activation: activation throughout (gelu).
+      void_prior_prob: void prior of the auxiliary class logits.
+      name: layer name.
+    """
+    super().__init__(name=name)
+    self._config = dict(
+        num_mask_slots=num_mask_slots, num_classes=num_classes,
+        num_blocks=tuple(num_blocks), drop_path_keep_prob=drop_path_keep_prob,
+        use_sync_batchnorm=use_sync_batchnorm,
+        auxiliary_pixel_head_channels=auxiliary_pixel_head_channels,
+        auxiliary_mask_embedding_channels=auxiliary_mask_embedding_channels,
+        auxiliary_head_conv_type=auxiliary_head_conv_type,
+        num_heads=num_heads, feed_forward_channels=feed_forward_channels,
+        activation=activation, void_prior_prob=void_prior_prob)
+    if len(num_blocks) != len(STAGE_STRIDES):
+      raise ValueError(f'num_blocks needs one count per stride '
+                       f'{STAGE_STRIDES}, got {list(num_blocks)}.')
+    bn_layer = normalization.batch_norm_factory(use_sync_batchnorm)
+    self._num_blocks = tuple(num_blocks)
+
+    def auxiliary_predictor():
+      return heads.MaXDeepLabHead(
+          num_classes=num_classes, semantic_num_classes=None,
+          pixel_space_head_channels=auxiliary_pixel_head_channels,
+          mask_embedding_channels=auxiliary_mask_embedding_channels,
+          head_conv_type=auxiliary_head_conv_type, activation=activation,
+          bn_layer=bn_layer, void_prior_prob=void_prior_prob,
+          name='auxiliary_clustering_predictor')
+
+    blocks = []
+    for stride, count in zip(STAGE_STRIDES, num_blocks):
+      for index in range(count):
+        blocks.append(kmeans_cross_attention.KMaXDecoderBlock(
+            name=f'kmax_block_os{stride}_{index}',
+            auxiliary_predictor_fn=auxiliary_predictor,
+            memory_channels=CENTER_CHANNELS,
+            num_heads=num_heads,
+            feed_forward_channels=feed_forward_channels,
+            activation=activation,
+            drop_path_keep_prob=float(drop_path_keep_prob),
+            bn_layer=bn_layer))
+    # Checkpoint path `_kmax_decoder/<i>`.
+    self._kmax_decoder = blocks
+
+    # Checkpoint key `cluster_centers` (the weight's name).
+    self._cluster_centers = self.add_weight(  # [1, N, 256]
+        name='cluster_centers', shape=(1, num_mask_slots, CENTER_CHANNELS),
+        initializer=tf_keras.initializers.TruncatedNormal(stddev=1.0),
+        trainable=True)
+
+    def projection(attr_name):
+      return convolutions.Conv1D(  # pointwise conv + BN + act
+          CENTER_CHANNELS, name=attr_name, use_bias=False, use_bn=True,
+          activation=activation, bn_layer=bn_layer)
+
+    self._class_embedding_projection = projection('class_embedding_projection')
+    self._mask_embedding_projection = projection('mask_embedding_projection')
+
+  def get_config(self):
+    return {'name': self.name, **self._config}
+
+  @property
+  def blocks(self) -> List[kmeans_cross_attention.KMaXDecoderBlock]:
+    """The k-means blocks in execution order; `blocks[i](pixels, centres,
+    training)` replays one block and returns (centres, auxiliary outputs)."""
+    return list(self._kmax_decoder)
+
+  @property
+  def block_feature_keys(self) -> Tuple[str, ...]:
+    """The pixel-decoder feature each block reads, in execution order."""
+    return tuple(key for key, count in zip(STAGE_FEATURE_KEYS,
+                                           self._num_blocks)
+                 for _ in range(count))
+
+  @property
+  def cluster_centers(self) -> tf.Variable:
+    return self._cluster_centers
+
+  @property
+  def checkpoint_items(self) -> Dict[str, tf.Module]:
+    return {'transformer_decoder': self}
+
+  def initial_cluster_centers(self, batch_size) -> tf.Tensor:
+    """The learned centres tiled to [batch_size, N, 256]."""
+    return tf.tile(self._cluster_centers, [batch_size, 1, 1])
+
+  def embed(self, cluster_centers: tf.Tensor,
+            training=False) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Class and mask embeddings [B, N, 256] of the final centres."""
+    return (self._class_embedding_projection(cluster_centers,
+                                             training=training),
+            self._mask_embedding_projection(cluster_centers,
+                                            training=training))
+
+  def call(self, features: Mapping[str, tf.Tensor],
+           training=False) -> Dict[str, tf.Tensor]:
+    """Refines the centres on the pixel-decoder features.
+
+    Args:
+      features: the pixel decoder's endpoints: `decoder_stage1..3` (strides
+        32, 16, 8) and `decoder_output` (stride 4 or 2); encoder endpoints
+        such as `stage5` may be included and are passed through.
+      training: training mode.
+
+    Returns:
+      A copy of `features` plus `transformer_class_feature`,
+      `transformer_mask_feature` [B, N, 256], `feature_panoptic` (=
+      decoder_output), `feature_semantic` (= stage5, when given) and
+      `auxiliary_outputs_pred`, a tuple with one prediction dict per block.
+    """
+    missing = [key for key in STAGE_FEATURE_KEYS + ('decoder_output',)
+               if key not in features]
+    if missing:
+      raise KeyError(f'{self.name} needs pixel-decoder features {missing}; '
+                     f'got keys {sorted(features)}.')
+    outputs = dict(features)
+    centers = self.initial_cluster_centers(
+        tf.shape(features[STAGE_FEATURE_KEYS[0]])[0])
+    auxiliary_outputs = []
+    for block, key in zip(self._kmax_decoder, self.block_feature_keys):
+      centers, predictions = block(features[key], centers, training=training)
+      auxiliary_outputs.append(predictions)
+
+    class_feature, mask_feature = self.embed(centers, training=training)
+    outputs[heads.TRANSFORMER_CLASS_FEATURE] = class_feature
+    outputs[heads.TRANSFORMER_MASK_FEATURE] = mask_feature
+    outputs[heads.FEATURE_PANOPTIC] = features['decoder_output']
+    if 'stage5' in features:
+      outputs[heads.FEATURE_SEMANTIC] = features['stage5']
+    outputs[heads.AUXILIARY_OUTPUTS] = tuple(auxiliary_outputs)
+    return outputs
