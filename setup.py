@@ -10,7 +10,7 @@ INSTALL_REQUIRES = [
     'scipy',
     'pycocotools',
     'absl-py',
-    'protobuf',
+    'protobuf>=5.27.2',
     'Pillow',
     'tqdm',
 ]
