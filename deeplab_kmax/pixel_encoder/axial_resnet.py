@@ -1,0 +1,128 @@
+"""ResNet-50 and Axial-ResNet-50 (MaX-S) pixel encoders for kMaX-DeepLab.
+
+Both are a stride-2 stem followed by four residual stages (3, 4, 6, 3 blocks)
+at strides 4, 8, 16 and 32:
+* `resnet50` (DeepLab2's `kmax_resnet50`): the 7x7 ResNet stem, convolutional
+  bottlenecks, ReLU;
+* `axial_resnet50` (`kmax_axial_resnet50`, the MaX-DeepLab-S backbone): the
+  Inception stem, axial-attention blocks wherever the original stride is
+  >= 16 (stage 4 from its second block on, and stage 5), GELU.
+
+The encoder returns, per stage k, the non-activated block sum `stage{k}` (the
+features kMaX's pixel decoder consumes) and its activation `res{k}`.
+Checkpoint paths: `_stem/...`, `_stage2/_block1/...` ... `_stage5/...`.
+"""
+
+from typing import Dict, Optional
+
+import tensorflow as tf
+import tf_keras
+
+from deeplab_kmax.layers import activations
+from deeplab_kmax.layers import block_group
+from deeplab_kmax.layers import normalization
+from deeplab_kmax.layers import stems
+
+_STAGE_BLOCKS = (3, 4, 6, 3)
+
+
+class AxialResNet(tf_keras.layers.Layer):
+  """A stem plus four residual stages; returns a dict of endpoints."""
+
+  def __init__(self,
+               name: str,
+               stem: str = 'resnet',
+               num_blocks=_STAGE_BLOCKS,
+               use_axial_beyond_stride: int = 0,
+               activation: str = 'relu',
+               output_stride: int = 32,
+               drop_path_keep_prob: float = 1.0,
+               drop_path_schedule: str = 'linear',
+               bn_layer: Optional[normalization.NormLayer] = None,
+               weight_decay: float = 0.0):
+    super().__init__(name=name)
+    if output_stride not in (8, 16, 32):
+      raise ValueError(f'{name}: output_stride must be 8, 16 or 32, got '
+                       f'{output_stride}.')
+    if len(num_blocks) != 4:
+      raise ValueError(f'{name}: num_blocks needs one count per stage 2..5, '
+                       f'got {num_blocks}.')
+    bn_layer = bn_layer or normalization.batch_norm_factory()
+    self._activation = activations.get_activation(activation)
+    self._encoder_output_stride = output_stride
+
+    if stem == 'resnet':
+      self._stem = stems.resnet_stem(bn_layer, weight_decay=weight_decay)
+    elif stem == 'inception':
+      self._stem = stems.InceptionStem(bn_layer, activation=activation,
+                                       weight_decay=weight_decay)
+    else:
+      raise ValueError(f"{name}: stem must be 'resnet' or 'inception', got "
+                       f'{stem!r}.')
+
+    shared = {'output_stride': output_stride,
+              'use_axial_beyond_stride': use_axial_beyond_stride,
+              'drop_path_schedule': drop_path_schedule,
+              'activation': activation, 'bn_layer': bn_layer,
+              'weight_decay': weight_decay}
+    # Stage k (2..5) starts at original stride 2^(k-1) and halves it once;
+    # its bottleneck width is 32 * that input stride (64 ... 512).
+    for stage, blocks in zip(range(2, 6), num_blocks):
+      input_stride = 2 ** (stage - 1)
+      setattr(self, f'_stage{stage}', block_group.BlockGroup(
+          filters=32 * input_stride, num_blocks=blocks,
+          name=f'stage{stage}', resnet_stride=2,
+          resnet_input_stride=input_stride,
+          drop_path_keep_prob=drop_path_keep_prob, **shared))
+
+  @property
+  def output_stride(self) -> int:
+    return self._encoder_output_stride
+
+  def call(self, inputs: tf.Tensor, training=False) -> Dict[str, tf.Tensor]:
+    if inputs.shape.rank != 4 or inputs.shape[-1] != 3:
+      raise ValueError(f'{self.name}: expected normalised RGB images '
+                       f'[B, H, W, 3], got shape {inputs.shape}.')
+    x = self._stem(inputs, training=training)
+    endpoints = {'stage1': x, 'res1': self._activation(x)}
+    for stage in range(2, 6):
+      x = getattr(self, f'_stage{stage}')(x, training=training)
+      endpoints[f'stage{stage}'] = x
+      endpoints[f'res{stage}'] = self._activation(x)
+    endpoints['backbone_output'] = endpoints['res5']
+    return endpoints
+
+
+def build_axial_resnet(name: str,
+                       *,
+                       drop_path_keep_prob: float = 1.0,
+                       drop_path_schedule: str = 'linear',
+                       use_sync_batchnorm: bool = True,
+                       output_stride: int = 32,
+                       bn_layer: Optional[normalization.NormLayer] = None,
+                       weight_decay: float = 0.0) -> AxialResNet:
+  """Builds `resnet50` or `axial_resnet50` (a `kmax_` prefix is accepted).
+
+  DeepLab2's kMaX always uses the linear drop-path schedule for these
+  encoders (its config's schedule field is ignored), hence the default.
+  `bn_layer` overrides the (sync) batch norm built from `use_sync_batchnorm`.
+  The layer builds on its first call.
+  """
+  key = name.lower()
+  if key.startswith('kmax_'):
+    key = key[len('kmax_'):]
+  if bn_layer is None:
+    bn_layer = normalization.batch_norm_factory(use_sync_batchnorm)
+  common = {'output_stride': output_stride,
+            'drop_path_keep_prob': drop_path_keep_prob,
+            'drop_path_schedule': drop_path_schedule,
+            'bn_layer': bn_layer, 'weight_decay': weight_decay}
+  if key == 'resnet50':
+    return AxialResNet(key, stem='resnet', use_axial_beyond_stride=0,
+                       activation='relu', **common)
+  if key == 'axial_resnet50':
+    return AxialResNet(key, stem='inception', use_axial_beyond_stride=16,
+                       activation='gelu', **common)
+  raise ValueError(f"Unknown (axial) ResNet encoder {name!r}; expected "
+                   f"'resnet50' or 'axial_resnet50' (optionally 'kmax_'-"
+                   f'prefixed).')
