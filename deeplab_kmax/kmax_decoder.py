@@ -13,7 +13,7 @@ Checkpoint names (DeepLab2 `KMaXTransformerDecoder`): `cluster_centers`,
 `_mask_embedding_projection`.
 """
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 import tf_keras
@@ -45,6 +45,7 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
                feed_forward_channels: int = 2048,
                activation: str = 'gelu',
                void_prior_prob: float = 0.9,
+               bn_layer: Optional[normalization.NormLayer] = None,
                name: str = 'kmax_transformer_decoder'):
     """Builds the decoder.
 
@@ -65,6 +66,8 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
       feed_forward_channels: hidden width of the centres' FFN.
       activation: activation throughout (gelu).
       void_prior_prob: void prior of the auxiliary class logits.
+      bn_layer: overrides the batch norm built from `use_sync_batchnorm`
+        (e.g. to apply the config's momentum and epsilon).
       name: layer name.
     """
     super().__init__(name=name)
@@ -80,7 +83,8 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
     if len(num_blocks) != len(STAGE_STRIDES):
       raise ValueError(f'num_blocks needs one count per stride '
                        f'{STAGE_STRIDES}, got {list(num_blocks)}.')
-    bn_layer = normalization.batch_norm_factory(use_sync_batchnorm)
+    bn_layer = bn_layer or normalization.batch_norm_factory(
+        use_sync_batchnorm)
     self._num_blocks = tuple(num_blocks)
 
     def auxiliary_predictor():
