@@ -1,0 +1,469 @@
+"""COCO-format panoptic annotations -> DeepLab2 panoptic labels -> TFRecords.
+
+A COCO-format panoptic dataset stores, per image, a PNG whose colour encodes a
+segment id (R + 256 G + 65536 B) and a JSON list of segments (id, category_id,
+iscrowd, area). DeepLab2 trains on one int32 map per image,
+
+    panoptic = contiguous_semantic_id * divisor + instance_id,
+
+where thing instances are numbered 1, 2, ... per class in JSON order, stuff has
+instance 0, pixels of no segment are void (ignore label, instance 0) and crowd
+thing segments become void too (by default) so they are neither trained on nor
+counted. This module builds those maps and writes them, DeepLab2-style, to
+sharded TFRecords. It is shared by the COCO, Cityscapes, ADE20K and demo
+converters.
+
+The per-image work is free of TensorFlow so it can run in worker processes;
+only `write_split` (the TFRecord writer) imports it.
+"""
+
+import concurrent.futures
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+
+from deeplab_kmax.data import dataset_info as dataset_info_lib
+from deeplab_kmax.data.label_format import encode_panoptic_label
+
+
+class ConversionError(ValueError):
+  """Bad input data; the message names the image and file concerned."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpec:
+  """How source segments become panoptic ids (derived from a DatasetInfo)."""
+  source_to_contiguous: Mapping[int, int]
+  thing_ids: frozenset
+  ignore_label: int
+  divisor: int
+  treat_crowd_as_ignore: bool = True
+  check_area: bool = True
+  require_rgb_image: bool = True
+
+  @classmethod
+  def from_dataset_info(cls, info: dataset_info_lib.DatasetInfo,
+                        **overrides) -> 'LabelSpec':
+    return cls(source_to_contiguous=dict(info.source_to_contiguous),
+               thing_ids=frozenset(info.class_has_instances_list),
+               ignore_label=info.ignore_label,
+               divisor=info.panoptic_label_divisor, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTask:
+  """One image to convert. `label_path` is None for unlabelled splits."""
+  image_path: str
+  image_format: str          # 'jpeg' or 'png', as stored in the record.
+  stem: str                  # image/filename feature.
+  image_id: Any = None       # For error messages (JSON image_id).
+  label_path: Optional[str] = None
+  segments: Optional[Tuple[Mapping[str, Any], ...]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertedImage:
+  image_data: bytes
+  image_format: str
+  stem: str
+  height: int
+  width: int
+  label_data: Optional[bytes]
+
+
+def _describe(task: ImageTask) -> str:
+  return f'image id {task.image_id} ({task.image_path})'
+
+
+def read_panoptic_json(path: str) -> Dict[str, Any]:
+  """Loads a panoptic JSON; missing or corrupt files raise naming the file."""
+  try:
+    with open(path, 'rb') as f:
+      content = json.loads(f.read())
+  except FileNotFoundError:
+    raise ConversionError(f'Panoptic annotation file {path} does not exist.'
+                          ) from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConversionError(f'Panoptic annotation file {path} is not valid JSON: '
+                          f'{e}') from e
+  if not isinstance(content, dict) or not isinstance(
+      content.get('annotations'), list):
+    raise ConversionError(f'Panoptic annotation file {path} has no '
+                          '"annotations" list.')
+  return content
+
+
+def index_annotations(content: Mapping[str, Any], json_path: str,
+                      key: str = 'file_stem'
+                      ) -> Dict[Any, Tuple[Any, str, Tuple[Mapping, ...]]]:
+  """{lookup key: (image_id, label file name, segments)}.
+
+  key='file_stem' indexes by the label file's stem (how COCO and ADE20K pair
+  images with labels); key='image_id' by the JSON image id (Cityscapes).
+  """
+  index = {}
+  seen_ids = set()
+  for position, annotation in enumerate(content['annotations']):
+    try:
+      image_id, file_name, segments = (annotation['image_id'],
+                                       annotation['file_name'],
+                                       annotation['segments_info'])
+    except (KeyError, TypeError):
+      raise ConversionError(
+          f'{json_path}: annotations[{position}] lacks image_id, file_name or '
+          'segments_info.') from None
+    if image_id in seen_ids:
+      raise ConversionError(f'{json_path}: image id {image_id} is annotated '
+                            'twice.')
+    seen_ids.add(image_id)
+    lookup = (os.path.splitext(file_name)[0] if key == 'file_stem'
+              else image_id)
+    index[lookup] = (image_id, file_name, tuple(segments))
+  return index
+
+
+def read_image_file(path: str, task: ImageTask) -> bytes:
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except FileNotFoundError:
+    raise ConversionError(f'{_describe(task)}: file {path} does not exist.'
+                          ) from None
+
+
+def open_image(data: bytes, path: str, task: ImageTask) -> Image.Image:
+  """Decodes with PIL and applies the EXIF orientation (as DeepLab2 does)."""
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+  except Exception as e:  # PIL raises many error types for broken files.
+    raise ConversionError(f'{_describe(task)}: cannot decode {path}: {e}'
+                          ) from e
+  try:
+    return ImageOps.exif_transpose(image)
+  except TypeError:  # Broken EXIF data; keep the stored orientation.
+    return image
+
+
+def segment_ids_from_rgb(rgb: np.ndarray) -> np.ndarray:
+  """[H, W, 3] uint8 PNG colours -> [H, W] segment ids, R + 256 G + 65536 B."""
+  rgb = rgb.astype(np.int64)
+  return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def build_panoptic_label(segment_ids: np.ndarray,
+                         segments: Sequence[Mapping[str, Any]],
+                         spec: LabelSpec, where: str) -> np.ndarray:
+  """Segment-id map + segments_info -> [H, W] int32 DeepLab2 panoptic label."""
+  present, inverse, counts = np.unique(segment_ids, return_inverse=True,
+                                       return_counts=True)
+  area_of = dict(zip(present.tolist(), counts.tolist()))
+  # Per present segment id: (semantic, instance); absent ids stay void.
+  semantic_of = np.full(len(present), spec.ignore_label, np.int64)
+  instance_of = np.zeros(len(present), np.int64)
+  position_of = {segment_id: i for i, segment_id in enumerate(present.tolist())}
+  instances_so_far: Dict[int, int] = {}
+  seen = set()
+  for segment in segments:
+    try:
+      segment_id = int(segment['id'])
+      source_category = int(segment['category_id'])
+    except (KeyError, TypeError, ValueError):
+      raise ConversionError(f'{where}: segment {segment} lacks an integer id or '
+                            'category_id.') from None
+    if segment_id in seen:
+      raise ConversionError(f'{where}: segment id {segment_id} is listed twice.')
+    seen.add(segment_id)
+    area = area_of.get(segment_id, 0)
+    if spec.check_area and 'area' in segment and int(segment['area']) != area:
+      raise ConversionError(
+          f'{where}: segment {segment_id} should cover {segment["area"]} '
+          f'pixels, the PNG has {area}.')
+    if source_category not in spec.source_to_contiguous:
+      raise ConversionError(
+          f'{where}: segment {segment_id} has category_id {source_category}, '
+          'which is not a category of this dataset.')
+    semantic = spec.source_to_contiguous[source_category]
+    is_crowd = bool(segment.get('iscrowd', 0))
+    instance = 0
+    if semantic in spec.thing_ids:
+      if is_crowd:
+        if spec.treat_crowd_as_ignore:
+          semantic = spec.ignore_label
+      else:
+        instance = instances_so_far.get(semantic, 0) + 1
+        instances_so_far[semantic] = instance
+        if instance >= spec.divisor:
+          raise ConversionError(
+              f'{where}: more than {spec.divisor - 1} instances of class '
+              f'{semantic}; they do not fit under the label divisor.')
+    elif is_crowd:
+      raise ConversionError(f'{where}: segment {segment_id} of non-thing '
+                            f'category {source_category} is marked iscrowd.')
+    if segment_id in position_of:
+      semantic_of[position_of[segment_id]] = semantic
+      instance_of[position_of[segment_id]] = instance
+  panoptic_of = semantic_of * spec.divisor + instance_of
+  return panoptic_of[inverse.reshape(segment_ids.shape)].astype(np.int32)
+
+
+def convert_image(task: ImageTask, spec: LabelSpec) -> ConvertedImage:
+  """Reads one image (+ label) and returns what its Example needs."""
+  image_data = read_image_file(task.image_path, task)
+  image = open_image(image_data, task.image_path, task)
+  if spec.require_rgb_image and image.mode != 'RGB':
+    raise ConversionError(f'{_describe(task)}: expected an RGB image, got mode '
+                          f'{image.mode}.')
+  width, height = image.size
+  label_data = None
+  if task.label_path is not None:
+    png_data = read_image_file(task.label_path, task)
+    png = open_image(png_data, task.label_path, task)
+    if png.mode != 'RGB':
+      raise ConversionError(f'{_describe(task)}: panoptic PNG {task.label_path} '
+                            f'must be RGB, got mode {png.mode}.')
+    if png.size != image.size:
+      raise ConversionError(
+          f'{_describe(task)}: panoptic PNG {task.label_path} is '
+          f'{png.size[1]}x{png.size[0]} but the image is {height}x{width}.')
+    where = f'{_describe(task)}, label {task.label_path}'
+    label = build_panoptic_label(segment_ids_from_rgb(np.asarray(png)),
+                                 task.segments or (), spec, where)
+    label_data = encode_panoptic_label(label)
+  return ConvertedImage(image_data, task.image_format, task.stem, height,
+                        width, label_data)
+
+
+def _convert_star(args):
+  return convert_image(*args)
+
+
+def convert_all(tasks: Sequence[ImageTask], spec: LabelSpec,
+                num_workers: int = 1) -> Iterator[ConvertedImage]:
+  """Converted images in task order; num_workers > 1 uses processes."""
+  if num_workers <= 1 or len(tasks) <= 1:
+    for task in tasks:
+      yield convert_image(task, spec)
+    return
+  context = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(
+      max_workers=num_workers, mp_context=context) as pool:
+    chunk = max(1, min(16, len(tasks) // (4 * num_workers)))
+    yield from pool.map(_convert_star, [(t, spec) for t in tasks],
+                        chunksize=chunk)
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
+  if not enabled:
+    return iterable
+  try:
+    import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return iterable
+  return tqdm.tqdm(iterable, total=total, desc=desc, unit='img')
+
+
+def write_split(tasks: Sequence[ImageTask], spec: LabelSpec, output_dir: str,
+                split: str, num_shards: int, num_workers: int = 1,
+                show_progress: bool = True) -> List[str]:
+  """Converts `tasks` into `<split>-SSSSS-of-NNNNN.tfrecord` shards.
+
+  Shards are written under hidden temporary names and renamed only after every
+  image converted, so a failed run leaves no shard behind that looks complete.
+  Returns the shard paths.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from deeplab_kmax.data import tfrecord_codec  # pylint: disable=g-import-not-at-top
+
+  tf.io.gfile.makedirs(output_dir)
+  ranges = tfrecord_codec.shard_ranges(len(tasks), num_shards)
+  finals = [os.path.join(output_dir,
+                         tfrecord_codec.shard_filename(split, s, num_shards))
+            for s in range(num_shards)]
+  temps = [os.path.join(output_dir, f'.{os.path.basename(p)}.partial')
+           for p in finals]
+  results = convert_all(tasks, spec, num_workers)
+  converted = iter(_progress(results, len(tasks), split, show_progress))
+  try:
+    for (start, end), temp in zip(ranges, temps):
+      with tf.io.TFRecordWriter(temp) as writer:
+        for _ in range(start, end):
+          item = next(converted)
+          example = tfrecord_codec.make_example(
+              item.image_data, item.image_format, item.stem, item.height,
+              item.width, item.label_data)
+          # Map fields sorted: the same input always gives the same bytes.
+          writer.write(example.SerializeToString(deterministic=True))
+    for temp, final in zip(temps, finals):
+      tf.io.gfile.rename(temp, final, overwrite=True)
+  except BaseException:
+    for temp in temps:
+      if tf.io.gfile.exists(temp):
+        tf.io.gfile.remove(temp)
+    raise
+  finally:
+    # Closes the progress bar and cancels queued work after an error.
+    for stream in (converted, results):
+      close = getattr(stream, 'close', None)
+      if close:
+        close()
+  logging.info('Wrote %d images of split %s to %d shards in %s.', len(tasks),
+               split, num_shards, output_dir)
+  return finals
+
+
+def sorted_files(folder: str, suffix: str) -> List[str]:
+  """Files in `folder` ending with `suffix`, sorted (DeepLab2's order)."""
+  if not os.path.isdir(folder):
+    raise ConversionError(f'Image folder {folder} does not exist.')
+  return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                if name.endswith(suffix))
+
+
+def coco_layout_tasks(image_folder: str, json_path: Optional[str],
+                      label_folder: Optional[str], image_suffix: str = '.jpg',
+                      image_format: str = 'jpeg') -> List[ImageTask]:
+  """Tasks for a COCO-style split: images paired with labels by file stem.
+
+  Images are taken in sorted file order (the record order DeepLab2 writes).
+  """
+  images = sorted_files(image_folder, image_suffix)
+  if json_path is None:
+    return [ImageTask(path, image_format,
+                      os.path.splitext(os.path.basename(path))[0],
+                      image_id=os.path.splitext(os.path.basename(path))[0])
+            for path in images]
+  index = index_annotations(read_panoptic_json(json_path), json_path)
+  stems = {os.path.splitext(os.path.basename(p))[0] for p in images}
+  for stem, (image_id, file_name, _) in index.items():
+    if stem not in stems:
+      raise ConversionError(
+          f'{json_path}: image id {image_id} ({file_name}) is annotated but '
+          f'{os.path.join(image_folder, stem + image_suffix)} does not exist.')
+  tasks = []
+  for path in images:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if stem not in index:
+      raise ConversionError(f'Image {path} has no annotation in {json_path}.')
+    image_id, file_name, segments = index[stem]
+    tasks.append(ImageTask(path, image_format, stem, image_id=image_id,
+                           label_path=os.path.join(label_folder, file_name),
+                           segments=segments))
+  return tasks
+
+
+COCO_SPLIT_FOLDERS = {'train': 'train2017', 'val': 'val2017', 'test': 'test2017'}
+
+
+def coco_split_paths(coco_root: str, split: str
+                     ) -> Tuple[str, Optional[str], Optional[str]]:
+  """(image folder, panoptic JSON, PNG folder) of a split in COCO's layout.
+
+  The test split has no labels: JSON and PNG folder are None.
+  """
+  if split not in COCO_SPLIT_FOLDERS:
+    raise ValueError(f'Unknown split {split!r}; expected one of '
+                     f'{sorted(COCO_SPLIT_FOLDERS)}.')
+  images = os.path.join(coco_root, COCO_SPLIT_FOLDERS[split])
+  if split == 'test':
+    return images, None, None
+  annotations = os.path.join(coco_root, 'annotations')
+  return (images, os.path.join(annotations, f'panoptic_{split}2017.json'),
+          os.path.join(annotations, f'panoptic_{split}2017'))
+
+
+def existing_coco_splits(coco_root: str) -> List[str]:
+  return [split for split, folder in COCO_SPLIT_FOLDERS.items()
+          if os.path.isdir(os.path.join(coco_root, folder))]
+
+
+def convert_coco_panoptic(coco_root: str, output_dir: str,
+                          splits: Sequence[str], num_shards: int,
+                          info: dataset_info_lib.DatasetInfo,
+                          num_workers: int = 1,
+                          treat_crowd_as_ignore: bool = True,
+                          show_progress: bool = True
+                          ) -> Dict[str, List[str]]:
+  """Converts splits of a COCO-layout dataset; returns {split: shard paths}."""
+  spec = LabelSpec.from_dataset_info(
+      info, treat_crowd_as_ignore=treat_crowd_as_ignore)
+  written = {}
+  for split in splits:
+    images, json_path, png_folder = coco_split_paths(coco_root, split)
+    tasks = coco_layout_tasks(images, json_path, png_folder)
+    written[split] = write_split(tasks, spec, output_dir, split, num_shards,
+                                 num_workers, show_progress=show_progress)
+  return written
+
+
+def cityscapes_tasks(cityscapes_root: str, split: str) -> List[ImageTask]:
+  """Tasks for Cityscapes panoptic (train-id version of the panoptic JSON).
+
+  Images: leftImg8bit/<split>/<city>/<prefix>_leftImg8bit.png. Labels:
+  gtFine/cityscapes_panoptic_<split>_trainId.json and PNGs in the folder of
+  the same name, paired by image id (= prefix). The test split has no labels.
+  """
+  image_root = os.path.join(cityscapes_root, 'leftImg8bit', split)
+  if not os.path.isdir(image_root):
+    raise ConversionError(f'Image folder {image_root} does not exist.')
+  suffix = '_leftImg8bit.png'
+  images = []
+  for city in sorted(os.listdir(image_root)):
+    city_folder = os.path.join(image_root, city)
+    if os.path.isdir(city_folder):
+      images.extend(sorted_files(city_folder, suffix))
+  images.sort()
+  if split == 'test':
+    return [ImageTask(path, 'png', os.path.basename(path)[:-len(suffix)],
+                      image_id=os.path.basename(path)[:-len(suffix)])
+            for path in images]
+  gt_root = os.path.join(cityscapes_root, 'gtFine')
+  json_path = os.path.join(gt_root,
+                           f'cityscapes_panoptic_{split}_trainId.json')
+  png_folder = os.path.join(gt_root, f'cityscapes_panoptic_{split}_trainId')
+  index = index_annotations(read_panoptic_json(json_path), json_path,
+                            key='image_id')
+  tasks = []
+  for path in images:
+    prefix = os.path.basename(path)[:-len(suffix)]
+    if prefix not in index:
+      raise ConversionError(f'Image {path} has no annotation in {json_path}.')
+    image_id, file_name, segments = index[prefix]
+    tasks.append(ImageTask(path, 'png', prefix, image_id=image_id,
+                           label_path=os.path.join(png_folder, file_name),
+                           segments=segments))
+  return tasks
+
+
+ADE20K_SPLIT_FOLDERS = {'train': 'training', 'val': 'validation'}
+
+
+def ade20k_tasks(ade20k_root: str, split: str) -> List[ImageTask]:
+  """Tasks for ADE20K panoptic in its COCO-format conversion.
+
+  Images: images/{training,validation}/*.jpg. Labels: ade20k_panoptic_<split>
+  .json and PNGs in the folder ade20k_panoptic_<split>/, paired by stem.
+  """
+  if split not in ADE20K_SPLIT_FOLDERS:
+    raise ValueError(f'Unknown ADE20K split {split!r}; expected one of '
+                     f'{sorted(ADE20K_SPLIT_FOLDERS)}.')
+  return coco_layout_tasks(
+      os.path.join(ade20k_root, 'images', ADE20K_SPLIT_FOLDERS[split]),
+      os.path.join(ade20k_root, f'ade20k_panoptic_{split}.json'),
+      os.path.join(ade20k_root, f'ade20k_panoptic_{split}'))
+
+
+def ade20k_label_spec(info: dataset_info_lib.DatasetInfo,
+                      treat_crowd_as_ignore: bool = True) -> LabelSpec:
+  """ADE20K's JSON areas are not checked and grayscale images are allowed."""
+  return LabelSpec.from_dataset_info(
+      info, treat_crowd_as_ignore=treat_crowd_as_ignore, check_area=False,
+      require_rgb_image=False)
