@@ -43,6 +43,7 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
                auxiliary_head_conv_type: str = 'depthwise_separable_conv',
                num_heads: int = 8,
                feed_forward_channels: int = 2048,
+               center_channels: int = CENTER_CHANNELS,
                activation: str = 'gelu',
                void_prior_prob: float = 0.9,
                bn_layer: Optional[normalization.NormLayer] = None,
@@ -64,6 +65,7 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
       auxiliary_head_conv_type: conv type of the auxiliary pixel heads.
       num_heads: heads of the centres' self-attention.
       feed_forward_channels: hidden width of the centres' FFN.
+      center_channels: width of the cluster centres (256 in kMaX).
       activation: activation throughout (gelu).
       void_prior_prob: void prior of the auxiliary class logits.
       bn_layer: overrides the batch norm built from `use_sync_batchnorm`
@@ -79,6 +81,7 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
         auxiliary_mask_embedding_channels=auxiliary_mask_embedding_channels,
         auxiliary_head_conv_type=auxiliary_head_conv_type,
         num_heads=num_heads, feed_forward_channels=feed_forward_channels,
+        center_channels=center_channels,
         activation=activation, void_prior_prob=void_prior_prob)
     if len(num_blocks) != len(STAGE_STRIDES):
       raise ValueError(f'num_blocks needs one count per stride '
@@ -102,7 +105,10 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
         blocks.append(kmeans_cross_attention.KMaXDecoderBlock(
             name=f'kmax_block_os{stride}_{index}',
             auxiliary_predictor_fn=auxiliary_predictor,
-            memory_channels=CENTER_CHANNELS,
+            memory_channels=center_channels,
+            bottleneck_channels=center_channels,
+            key_channels=center_channels // 2,
+            value_channels=center_channels,
             num_heads=num_heads,
             feed_forward_channels=feed_forward_channels,
             activation=activation,
@@ -113,13 +119,13 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
 
     # Checkpoint key `cluster_centers` (the weight's name).
     self._cluster_centers = self.add_weight(  # [1, N, 256]
-        name='cluster_centers', shape=(1, num_mask_slots, CENTER_CHANNELS),
+        name='cluster_centers', shape=(1, num_mask_slots, center_channels),
         initializer=tf_keras.initializers.TruncatedNormal(stddev=1.0),
         trainable=True)
 
     def projection(attr_name):
       return convolutions.Conv1D(  # pointwise conv + BN + act
-          CENTER_CHANNELS, name=attr_name, use_bias=False, use_bn=True,
+          center_channels, name=attr_name, use_bias=False, use_bn=True,
           activation=activation, bn_layer=bn_layer)
 
     self._class_embedding_projection = projection('class_embedding_projection')

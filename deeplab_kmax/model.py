@@ -49,10 +49,16 @@ class DatasetLayout:
   use_semantic_decoder: bool
 
   @classmethod
-  def for_dataset(cls, dataset_name: str) -> 'DatasetLayout':
+  def for_dataset(cls, dataset_name: str,
+                  num_mask_slots: Optional[int] = None) -> 'DatasetLayout':
+    """DeepLab2's layout for a dataset; `num_mask_slots` overrides N."""
     if 'cityscapes' in dataset_name:
-      return cls(256, 2, False)
-    return cls(128, 4, True)
+      layout = cls(256, 2, False)
+    else:
+      layout = cls(128, 4, True)
+    if num_mask_slots:
+      layout = dataclasses.replace(layout, num_mask_slots=num_mask_slots)
+    return layout
 
 
 def build_pixel_encoder(backbone: config_pb2.ModelOptions.BackboneOptions,
@@ -62,11 +68,20 @@ def build_pixel_encoder(backbone: config_pb2.ModelOptions.BackboneOptions,
   short = name[len('kmax_'):] if name.startswith('kmax_') else name
   keep_prob = backbone.drop_path_keep_prob
   if short.startswith('convnext_'):
+    if (backbone.backbone_width_multiplier != 1.0 or
+        backbone.stem_width_multiplier != 1.0 or
+        backbone.backbone_layer_multiplier != 1.0):
+      raise ValueError('model_options.backbone: width/layer multipliers are '
+                       'supported for the ResNet encoders only, not for '
+                       f'{backbone.name!r}.')
     return convnext.build_convnext(short[len('convnext_'):],
                                    drop_path_keep_prob=keep_prob)
   if short in ('resnet50', 'axial_resnet50'):
     return axial_resnet.build_axial_resnet(
-        short, drop_path_keep_prob=keep_prob, bn_layer=bn_layer)
+        short, drop_path_keep_prob=keep_prob, bn_layer=bn_layer,
+        width_multiplier=backbone.backbone_width_multiplier,
+        stem_width_multiplier=backbone.stem_width_multiplier,
+        layer_multiplier=backbone.backbone_layer_multiplier)
   raise ValueError(
       f'model_options.backbone.name {backbone.name!r} is not a kMaX pixel '
       'encoder; expected one of kmax_resnet50, kmax_axial_resnet50, '
@@ -190,6 +205,12 @@ def _resize_auxiliary_outputs(outputs: Dict[str, Any]) -> Tuple[Dict, ...]:
   return tuple(resized)
 
 
+def _scaled(channels: int, multiplier: float) -> int:
+  if multiplier <= 0:
+    raise ValueError(f'width multipliers must be positive, got {multiplier}.')
+  return max(8, int(round(channels * multiplier / 8)) * 8)
+
+
 def build_model(config: config_pb2.ExperimentOptions,
                 dataset_info: Optional[dataset_info_lib.DatasetInfo] = None,
                 crop_size: Optional[Sequence[int]] = None) -> KMaXDeepLab:
@@ -212,10 +233,13 @@ def build_model(config: config_pb2.ExperimentOptions,
   bn_layer = normalization.batch_norm_factory(
       solver.use_sync_batchnorm, solver.batchnorm_momentum,
       solver.batchnorm_epsilon)
-  layout = DatasetLayout.for_dataset(dataset_info.name)
   model_options = config.model_options
   max_deeplab = model_options.max_deeplab
   decoder_options = model_options.decoder
+  layout = DatasetLayout.for_dataset(dataset_info.name,
+                                     max_deeplab.num_mask_slots)
+  center_channels = _scaled(kmax_decoder.CENTER_CHANNELS,
+                            max_deeplab.transformer_decoder_width_multiplier)
 
   semantic_classes = max_deeplab.auxiliary_semantic_head.output_channels
   num_classes = heads.transformer_class_head_num_classes(
@@ -231,13 +255,17 @@ def build_model(config: config_pb2.ExperimentOptions,
   encoder = build_pixel_encoder(model_options.backbone, bn_layer)
   pixel_decoder = pixel_decoder_lib.KMaXPixelDecoder(
       high_resolution_output_stride=layout.high_resolution_output_stride,
-      bn_layer=bn_layer)
+      bn_layer=bn_layer,
+      width_multiplier=max_deeplab.pixel_decoder_width_multiplier)
   transformer_decoder = kmax_decoder.KMaXTransformerDecoder(
       num_mask_slots=layout.num_mask_slots,
       num_classes=num_classes,
       drop_path_keep_prob=resolve.transformer_decoder_drop_path_keep_prob(
           model_options, dataset_info.name),
       bn_layer=bn_layer,
+      center_channels=center_channels,
+      feed_forward_channels=_scaled(
+          2048, max_deeplab.transformer_decoder_width_multiplier),
       auxiliary_pixel_head_channels=max_deeplab.pixel_space_head.head_channels,
       auxiliary_mask_embedding_channels=(
           max_deeplab.pixel_space_head.output_channels),

@@ -70,14 +70,21 @@ class KMaXPixelDecoder(tf_keras.layers.Layer):
                bn_layer: Optional[normalization.NormLayer] = None,
                name: str = 'kmax_pixel_decoder',
                stage_configs=None,
-               weight_decay: float = 0.0):
+               weight_decay: float = 0.0,
+               width_multiplier: float = 1.0):
     super().__init__(name=name)
+    if width_multiplier <= 0:
+      raise ValueError(f'{name}: width_multiplier must be positive, got '
+                       f'{width_multiplier}.')
     if stage_configs is None:
       if high_resolution_output_stride not in _STAGE_CONFIGS:
         raise ValueError(
             f'{name}: high_resolution_output_stride must be one of '
             f'{sorted(_STAGE_CONFIGS)}, got {high_resolution_output_stride}.')
-      stage_configs = _STAGE_CONFIGS[high_resolution_output_stride]
+      stage_configs = tuple(
+          (max(1, int(round(width * width_multiplier))), blocks, kind)
+          for width, blocks, kind in _STAGE_CONFIGS[
+              high_resolution_output_stride])
     if len(stage_configs) not in (4, 5):
       raise ValueError(f'{name}: expected 4 or 5 stages (down to stride 4 or '
                        f'2), got {len(stage_configs)}.')

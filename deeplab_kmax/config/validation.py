@@ -165,10 +165,14 @@ def _check_trainer(trainer: config_pb2.TrainerOptions,
 
   losses = trainer.loss_options
   for field, loss in losses.ListFields():
+    if field.message_type is None:  # deeplab_kmax's scalar loss switches.
+      continue
     name = f'trainer_options.loss_options.{field.name}'
     _non_negative(loss.weight, f'{name}.weight', report)
     _in_range(loss.top_k_percent, f'{name}.top_k_percent', report, 0.0, 1.0,
               low_open=True)
+  _one_of(losses.hungarian_matcher, ('deeplab2', 'exact'),
+          'trainer_options.loss_options.hungarian_matcher', report)
   if (losses.HasField('semantic_loss') and
       losses.semantic_loss.name != 'softmax_cross_entropy'):
     report('trainer_options.loss_options.semantic_loss.name is '

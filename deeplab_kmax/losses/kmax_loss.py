@@ -200,7 +200,10 @@ class KMaXLoss:
       auxiliary_output_number: The model's number of auxiliary predictions
         (0 for evaluation, as in DeepLab2).
       use_semantic_sampling: Apply `max_deeplab.semantic_sample_k` and
-        `semantic_sample_temperature`, which DeepLab2's builder drops.
+        `semantic_sample_temperature`, which DeepLab2's builder drops (also
+        switched on by `loss_options.use_semantic_sampling`). The options
+        `hungarian_matcher` and `exclude_unmatched_masks` are read from
+        `loss_options` too.
       **overrides: Any other constructor argument.
     """
 
@@ -233,6 +236,12 @@ class KMaXLoss:
         semantic_weight=weight('semantic_loss'),
         semantic_top_k_percent=top_k('semantic_loss'),
         auxiliary_output_number=auxiliary_output_number)
+    # deeplab_kmax's loss_options extensions (absent on plain objects).
+    kwargs['matcher'] = getattr(loss_options, 'hungarian_matcher', 'deeplab2')
+    kwargs['exclude_unmatched_masks'] = bool(
+        getattr(loss_options, 'exclude_unmatched_masks', False))
+    use_semantic_sampling = use_semantic_sampling or bool(
+        getattr(loss_options, 'use_semantic_sampling', False))
     if use_semantic_sampling:
       kwargs['semantic_sample_k'] = int(max_deeplab.semantic_sample_k)
       kwargs['semantic_sample_temperature'] = float(

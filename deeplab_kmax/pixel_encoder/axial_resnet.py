@@ -39,8 +39,15 @@ class AxialResNet(tf_keras.layers.Layer):
                drop_path_keep_prob: float = 1.0,
                drop_path_schedule: str = 'linear',
                bn_layer: Optional[normalization.NormLayer] = None,
-               weight_decay: float = 0.0):
+               weight_decay: float = 0.0,
+               width_multiplier: float = 1.0,
+               stem_width_multiplier: float = 1.0,
+               layer_multiplier: float = 1.0):
     super().__init__(name=name)
+    if min(width_multiplier, stem_width_multiplier, layer_multiplier) <= 0:
+      raise ValueError(f'{name}: width and layer multipliers must be positive, '
+                       f'got {width_multiplier}, {stem_width_multiplier}, '
+                       f'{layer_multiplier}.')
     if output_stride not in (8, 16, 32):
       raise ValueError(f'{name}: output_stride must be 8, 16 or 32, got '
                        f'{output_stride}.')
@@ -52,9 +59,13 @@ class AxialResNet(tf_keras.layers.Layer):
     self._encoder_output_stride = output_stride
 
     if stem == 'resnet':
-      self._stem = stems.resnet_stem(bn_layer, weight_decay=weight_decay)
+      self._stem = stems.resnet_stem(bn_layer,
+                                     width_multiplier=stem_width_multiplier,
+                                     weight_decay=weight_decay)
     elif stem == 'inception':
-      self._stem = stems.InceptionStem(bn_layer, activation=activation,
+      self._stem = stems.InceptionStem(bn_layer,
+                                       width_multiplier=stem_width_multiplier,
+                                       activation=activation,
                                        weight_decay=weight_decay)
     else:
       raise ValueError(f"{name}: stem must be 'resnet' or 'inception', got "
@@ -66,11 +77,13 @@ class AxialResNet(tf_keras.layers.Layer):
               'activation': activation, 'bn_layer': bn_layer,
               'weight_decay': weight_decay}
     # Stage k (2..5) starts at original stride 2^(k-1) and halves it once;
-    # its bottleneck width is 32 * that input stride (64 ... 512).
+    # its bottleneck width is 32 * that input stride (64 ... 512), scaled by
+    # the width multiplier (1.0 for the published models).
     for stage, blocks in zip(range(2, 6), num_blocks):
       input_stride = 2 ** (stage - 1)
       setattr(self, f'_stage{stage}', block_group.BlockGroup(
-          filters=32 * input_stride, num_blocks=blocks,
+          filters=max(1, int(round(32 * input_stride * width_multiplier))),
+          num_blocks=max(1, int(round(blocks * layer_multiplier))),
           name=f'stage{stage}', resnet_stride=2,
           resnet_input_stride=input_stride,
           drop_path_keep_prob=drop_path_keep_prob, **shared))
@@ -100,13 +113,18 @@ def build_axial_resnet(name: str,
                        use_sync_batchnorm: bool = True,
                        output_stride: int = 32,
                        bn_layer: Optional[normalization.NormLayer] = None,
-                       weight_decay: float = 0.0) -> AxialResNet:
+                       weight_decay: float = 0.0,
+                       width_multiplier: float = 1.0,
+                       stem_width_multiplier: float = 1.0,
+                       layer_multiplier: float = 1.0) -> AxialResNet:
   """Builds `resnet50` or `axial_resnet50` (a `kmax_` prefix is accepted).
 
   DeepLab2's kMaX always uses the linear drop-path schedule for these
   encoders (its config's schedule field is ignored), hence the default.
   `bn_layer` overrides the (sync) batch norm built from `use_sync_batchnorm`.
-  The layer builds on its first call.
+  The multipliers (DeepLab2's backbone width / stem width / layer
+  multipliers) shrink the network for small experiments; the published
+  checkpoints need 1.0. The layer builds on its first call.
   """
   key = name.lower()
   if key.startswith('kmax_'):
@@ -116,7 +134,10 @@ def build_axial_resnet(name: str,
   common = {'output_stride': output_stride,
             'drop_path_keep_prob': drop_path_keep_prob,
             'drop_path_schedule': drop_path_schedule,
-            'bn_layer': bn_layer, 'weight_decay': weight_decay}
+            'bn_layer': bn_layer, 'weight_decay': weight_decay,
+            'width_multiplier': width_multiplier,
+            'stem_width_multiplier': stem_width_multiplier,
+            'layer_multiplier': layer_multiplier}
   if key == 'resnet50':
     return AxialResNet(key, stem='resnet', use_axial_beyond_stride=0,
                        activation='relu', **common)
