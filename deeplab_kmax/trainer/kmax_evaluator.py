@@ -1,0 +1,259 @@
+"""The Orbit evaluation loop: inference, panoptic quality and mIoU.
+
+Each step runs the model in inference mode (post-processed `panoptic_pred`
+and `semantic_pred`), undoes the eval preprocessing on device (drops the
+bottom/right padding, resizes back to the raw label size with
+nearest-neighbour, corners aligned, like DeepLab2), and hands the maps to
+streaming NumPy accumulators in `eval_reduce`. Results go to the logs,
+TensorBoard (through Orbit) and an atomically written JSON file.
+
+Outside TPUs the model is called directly rather than through
+`strategy.run`: evaluation examples have different raw sizes, so they run one
+at a time on the first device, reading the (mirrored) weights.
+"""
+
+import os
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence
+
+from absl import logging
+import numpy as np
+import orbit
+import tensorflow as tf
+import tf_keras
+
+from deeplab_kmax import evaluation
+from deeplab_kmax.trainer import summaries
+
+IMAGE = 'image'
+RESIZED_IMAGE = 'resized_image'
+PANOPTIC_RAW = 'panoptic_raw'
+SEMANTIC_RAW = 'semantic_raw'
+PANOPTIC_GT = 'panoptic_gt'
+SEMANTIC_GT = 'semantic_gt'
+PANOPTIC_PRED = 'panoptic_pred'
+SEMANTIC_PRED = 'semantic_pred'
+_VIS_IMAGE = 'vis_image'
+_VIS_PANOPTIC = 'vis_panoptic'
+
+
+class ExtraMetric(Protocol):
+  """Hook for further metrics (e.g. instance AP with pycocotools).
+
+  `update` gets one example's NumPy inputs and raw-size predictions; the
+  scalars of `result` are logged under `evaluation/<name>/`.
+  """
+  name: str
+
+  def reset(self) -> None:
+    ...
+
+  def update(self, example: Mapping[str, np.ndarray]) -> None:
+    ...
+
+  def result(self) -> Mapping[str, float]:
+    ...
+
+
+def _resize_nearest(labels: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+  """[B, h, w] integer maps -> [B, H, W], corners aligned like DeepLab2."""
+  resized = tf.compat.v1.image.resize_nearest_neighbor(
+      labels[..., tf.newaxis], size, align_corners=True)
+  return resized[..., 0]
+
+
+class KMaXEvaluator(orbit.StandardEvaluator):
+  """Evaluates panoptic quality and semantic mIoU on a dataset."""
+
+  def __init__(self,
+               model: tf_keras.Model,
+               eval_dataset: tf.data.Dataset,
+               dataset_info,
+               global_step: tf.Variable,
+               *,
+               model_dir: Optional[str] = None,
+               strategy: Optional[tf.distribute.Strategy] = None,
+               num_vis_samples: int = 0,
+               write_files: bool = True,
+               extra_metrics: Sequence[ExtraMetric] = (),
+               use_tf_function: bool = True):
+    """Creates the evaluator.
+
+    Args:
+      model: the model; `model(images, training=False)` must return
+        `panoptic_pred` and `semantic_pred` at the input resolution.
+      eval_dataset: batches of one example with `image` (padded crop) and,
+        for metrics, `panoptic_raw` / `semantic_raw` at the original size
+        (`panoptic_gt` / `semantic_gt` at the crop are used otherwise), plus
+        `resized_image` to know the unpadded extent.
+      dataset_info: a `data.dataset_info.DatasetInfo`.
+      global_step: the training step, to label results.
+      model_dir: where `eval_metrics.json` and `eval/metrics_<step>.json` go.
+      strategy: defaults to the current strategy.
+      num_vis_samples: images with panoptic overlays written to TensorBoard.
+      write_files: False on non-chief workers.
+      extra_metrics: further metric hooks, see `ExtraMetric`.
+      use_tf_function: compile the step.
+    """
+    self._strategy = strategy or tf.distribute.get_strategy()
+    self._use_strategy_run = isinstance(self._strategy,
+                                        tf.distribute.TPUStrategy)
+    if self._use_strategy_run:
+      eval_dataset = self._strategy.experimental_distribute_dataset(
+          eval_dataset)
+    super().__init__(eval_dataset, orbit.StandardEvaluatorOptions(
+        use_tf_function=use_tf_function))
+    self._model = model
+    self._info = dataset_info
+    self._global_step = global_step
+    self._model_dir = model_dir
+    self._num_vis_samples = num_vis_samples
+    self._write_files = write_files
+    self._extra_metrics = list(extra_metrics)
+    info = dataset_info
+    self._panoptic_quality = evaluation.PanopticQuality(
+        info.num_classes, info.ignore_label, info.panoptic_label_divisor,
+        thing_class_ids=info.thing_class_ids)
+    self._semantic_iou = evaluation.SemanticIoU(info.num_classes,
+                                                info.ignore_label)
+    self._vis_images: List[np.ndarray] = []
+    self._num_examples = 0
+    self._has_labels = True
+
+  # --- Orbit hooks. -----------------------------------------------------------
+
+  def eval_begin(self):
+    self._panoptic_quality.reset()
+    self._semantic_iou.reset()
+    for metric in self._extra_metrics:
+      metric.reset()
+    self._vis_images = []
+    self._num_examples = 0
+    self._has_labels = True
+    return {}
+
+  def eval_step(self, iterator):
+    inputs = next(iterator)
+    if self._use_strategy_run:
+      outputs = self._strategy.run(self._predict, args=(inputs,))
+      local = self._strategy.experimental_local_results
+      return {key: local(value) for key, value in outputs.items()}
+    return self._predict(inputs)
+
+  def eval_reduce(self, state, step_outputs):
+    if step_outputs is None:
+      return state
+    if self._use_strategy_run:
+      # {key: (replica results...)} -> one dict per replica.
+      keys = list(step_outputs)
+      per_replica = [dict(zip(keys, values))
+                     for values in zip(*(step_outputs[k] for k in keys))]
+    else:
+      per_replica = [step_outputs]
+    for outputs in per_replica:
+      self._accumulate({k: np.asarray(v) for k, v in outputs.items()})
+    return state
+
+  def eval_end(self, state=None) -> Dict[str, Any]:
+    del state
+    step = int(self._global_step.numpy())
+    if self._vis_images:
+      tf.summary.image('eval/panoptic_overlay',
+                       np.stack(self._pad_to_common(self._vis_images)),
+                       step=step, max_outputs=len(self._vis_images))
+    if not self._has_labels:
+      logging.warning('The eval data has no ground truth; no metrics.')
+      return {}
+    pq = self._panoptic_quality.result()
+    iou = self._semantic_iou.result()
+    logs = {}
+    for key, value in pq.to_flat_dict().items():
+      logs[f'evaluation/pq/{key}'] = value
+    for key, value in iou.to_flat_dict().items():
+      logs[f'evaluation/iou/{key}'] = value
+    for metric in self._extra_metrics:
+      for key, value in metric.result().items():
+        logs[f'evaluation/{metric.name}/{key}'] = value
+    class_names = [self._info.class_names.get(c, str(c))
+                   for c in range(self._info.num_classes)]
+    logging.info('Panoptic quality at step %d over %d images:\n%s', step,
+                 self._num_examples, pq.per_class_table(class_names))
+    logging.info('Semantic IoU at step %d:\n%s', step,
+                 iou.per_class_table(class_names))
+    if self._write_files and self._model_dir:
+      report = {
+          'step': step,
+          'num_examples': self._num_examples,
+          'metrics': logs,
+          'panoptic_quality_per_class': {
+              class_names[c]: row for c, row in pq.per_class().items()},
+          'iou_per_class': {
+              class_names[c]: float(iou.iou[c])
+              for c in np.flatnonzero(iou.union > 0)},
+      }
+      summaries.write_json_atomically(
+          os.path.join(self._model_dir, 'eval', f'metrics_{step:08d}.json'),
+          report)
+      summaries.write_json_atomically(
+          os.path.join(self._model_dir, 'eval_metrics.json'), report)
+    return logs
+
+  # --- Step and accumulation. --------------------------------------------------
+
+  def _predict(self, inputs: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """Inference plus undoing the padding/resizing, on device."""
+    images = inputs[IMAGE]
+    tf.debugging.assert_equal(
+        tf.shape(images)[0], 1,
+        message='Evaluation takes one image per batch (raw sizes differ); set '
+        'eval_dataset_options.batch_size to 1.')
+    predictions = self._model(images, training=False)
+    for key in (PANOPTIC_PRED, SEMANTIC_PRED):
+      if key not in predictions:
+        raise KeyError(f'The model returned {sorted(predictions)} in '
+                       f'inference mode; the evaluator needs {key!r}.')
+    valid = tf.shape(inputs.get(RESIZED_IMAGE, images))[1:3]
+    panoptic = predictions[PANOPTIC_PRED][:, :valid[0], :valid[1]]
+    semantic = predictions[SEMANTIC_PRED][:, :valid[0], :valid[1]]
+    outputs = {}
+    gt_panoptic = inputs.get(PANOPTIC_RAW, inputs.get(PANOPTIC_GT))
+    gt_semantic = inputs.get(SEMANTIC_RAW, inputs.get(SEMANTIC_GT))
+    if gt_panoptic is not None:
+      if PANOPTIC_RAW not in inputs:  # Labels at the crop: drop the padding.
+        gt_panoptic = gt_panoptic[:, :valid[0], :valid[1]]
+      raw_size = tf.shape(gt_panoptic)[1:3]
+      outputs[PANOPTIC_PRED] = _resize_nearest(panoptic, raw_size)
+      outputs[PANOPTIC_GT] = gt_panoptic
+      if gt_semantic is not None:
+        if SEMANTIC_RAW not in inputs:
+          gt_semantic = gt_semantic[:, :valid[0], :valid[1]]
+        outputs[SEMANTIC_PRED] = _resize_nearest(semantic, raw_size)
+        outputs[SEMANTIC_GT] = gt_semantic
+    if self._num_vis_samples > 0:
+      outputs[_VIS_IMAGE] = tf.cast(
+          tf.clip_by_value(images[:, :valid[0], :valid[1]], 0, 255), tf.uint8)
+      outputs[_VIS_PANOPTIC] = panoptic
+    return outputs
+
+  def _accumulate(self, outputs: Dict[str, np.ndarray]) -> None:
+    self._num_examples += 1
+    if PANOPTIC_GT in outputs:
+      self._panoptic_quality.update(outputs[PANOPTIC_GT][0],
+                                    outputs[PANOPTIC_PRED][0])
+      if SEMANTIC_GT in outputs:
+        self._semantic_iou.update(outputs[SEMANTIC_GT][0],
+                                  outputs[SEMANTIC_PRED][0])
+    else:
+      self._has_labels = False
+    for metric in self._extra_metrics:
+      metric.update({k: v[0] for k, v in outputs.items()})
+    if (_VIS_IMAGE in outputs and
+        len(self._vis_images) < self._num_vis_samples):
+      self._vis_images.append(summaries.panoptic_overlays(
+          outputs[_VIS_IMAGE], outputs[_VIS_PANOPTIC], self._info)[0])
+
+  @staticmethod
+  def _pad_to_common(images: List[np.ndarray]) -> List[np.ndarray]:
+    height = max(i.shape[0] for i in images)
+    width = max(i.shape[1] for i in images)
+    return [np.pad(i, ((0, height - i.shape[0]), (0, width - i.shape[1]),
+                       (0, 0))) for i in images]

@@ -1,0 +1,91 @@
+"""Command line: train / evaluate kMaX-DeepLab from a DeepLab2-style config.
+
+  python -m deeplab_kmax.trainer.train \
+      --config_file=configs/coco/kmax_meta_r50_os32.textproto \
+      --mode=train_and_eval --model_dir=/tmp/kmax --num_gpus=8
+
+Checkpoints and summaries go to <model_dir>/<experiment_name> (DeepLab2's
+layout). `${VAR}` placeholders in the config are read from the environment.
+Multi-machine runs use TF_CONFIG, or --worker_hosts with --task_index.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+flags.DEFINE_string('config_file', None,
+                    'ExperimentOptions textproto (DeepLab2 format).')
+flags.DEFINE_enum('mode', None,
+                  ['train', 'eval', 'train_and_eval', 'continuous_eval'],
+                  'What to run.')
+flags.DEFINE_string('model_dir', None,
+                    'Base folder; the experiment writes into '
+                    '<model_dir>/<experiment_name>.')
+flags.DEFINE_integer('num_gpus', 0,
+                     'GPUs on this machine (0: CPU; >1: MirroredStrategy).')
+flags.DEFINE_string('tpu', None,
+                    'TPU name or grpc:// address ("local" on a TPU VM).')
+flags.DEFINE_string('master', None, 'Alias of --tpu, as in DeepLab2.')
+flags.DEFINE_list('worker_hosts', None,
+                  'host:port of every worker, for multi-machine training '
+                  'without TF_CONFIG.')
+flags.DEFINE_integer('task_index', 0, 'This worker\'s index in worker_hosts.')
+flags.DEFINE_multi_string(
+    'config_override', None,
+    'Config overrides, either FIELD.PATH=VALUE (e.g. '
+    'train_dataset_options.batch_size=8) or a textproto snippet '
+    '(e.g. "trainer_options { steps_per_loop: 10 }"). Repeatable.')
+
+FLAGS = flags.FLAGS
+
+
+def _apply_overrides(config, overrides):
+  from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
+  for item in overrides or []:
+    if '{' in item or ':' in item.split('=', 1)[0]:
+      config = config_lib.override_from_text(config, item)
+    else:
+      config = config_lib.override(config,
+                                   config_lib.parse_override_flags([item]))
+  return config
+
+
+def main(argv):
+  del argv
+  if not FLAGS.config_file or not FLAGS.mode or not FLAGS.model_dir:
+    raise app.UsageError('--config_file, --mode and --model_dir are required.')
+  if FLAGS.worker_hosts:
+    from deeplab_kmax.trainer import distribution  # pylint: disable=g-import-not-at-top
+    distribution.set_tf_config(FLAGS.worker_hosts, FLAGS.task_index)
+
+  from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from deeplab_kmax.trainer import kmax_trainer  # pylint: disable=g-import-not-at-top
+  from deeplab_kmax.trainer import train_lib  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.load_config(FLAGS.config_file)
+  config = _apply_overrides(config, FLAGS.config_override)
+  config = train_lib.prepare_config(config, FLAGS.mode)
+  model_dir = FLAGS.model_dir
+  if config.experiment_name:
+    model_dir = os.path.join(model_dir, config.experiment_name)
+  logging.info('Running %s for experiment %r in %s.', FLAGS.mode,
+               config.experiment_name, model_dir)
+  try:
+    train_lib.run_experiment(FLAGS.mode, config, model_dir,
+                             tpu=FLAGS.tpu or FLAGS.master,
+                             num_gpus=FLAGS.num_gpus)
+  except kmax_trainer.NonFiniteLossError as e:
+    logging.error('%s', e)
+    print(f'ERROR: {e}', file=sys.stderr)
+    sys.exit(3)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
