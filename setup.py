@@ -26,5 +26,7 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'test': ['pytest', 'pytest-xdist', 'grpcio-tools'],
+        # ONNX export of the network (trainer/export_model.py --onnx_path).
+        'onnx': ['tf2onnx>=1.17.0', 'onnxruntime>=1.31.1'],
     },
 )

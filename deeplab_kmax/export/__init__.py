@@ -1,0 +1,12 @@
+"""Deployment: SavedModel for TF Serving, REST helpers, ONNX.
+
+  serving          the tf.Module with signatures and in-graph pre- and
+                   post-processing
+  saved_model      all-or-nothing SavedModel writing; loading with metadata
+  model_loading    config + checkpoint -> model with every weight restored
+  rest_api         TF Serving REST request/response bodies and a client
+  numpy_pipeline   the pre/post-processing in NumPy (for ONNX runtimes)
+  onnx_export      tf2onnx conversion of the network; onnxruntime predictor
+
+The command-line entry point is trainer/export_model.py.
+"""

@@ -1,0 +1,185 @@
+"""ONNX export of the kMaX-DeepLab network (tf2onnx), run with onnxruntime.
+
+What is in the ONNX graph: the network only, padded crops
+[B, crop_h, crop_w, 3] float32 (0..255) -> `pixel_space_mask_logits`
+[B, crop_h/4+1, crop_w/4+1, N] and `transformer_class_logits` [B, N, C + 1].
+Pre- and post-processing run in NumPy (`numpy_pipeline`), configured by the
+serving metadata stored in the ONNX file's metadata_props, and give the same
+maps as the SavedModel.
+
+Why the post-processing is not in the graph (tf2onnx 1.17, opset 17):
+  * `tf.gather(x, idx, axis=-1, batch_dims=1)` on a rank-3 tensor (the
+    re-ordering of the binary masks in `maskwise_panoptic_inference`) is
+    converted to a Transpose with an invalid permutation ([0, 1, 0, 1, 2]);
+    onnxruntime refuses to load the model.
+  * `tf.math.unsorted_segment_sum` with 2-D segment ids (the area limits) is
+    rejected by tf2onnx ("Segment ops only supported for segments of rank 1").
+
+One conversion defect in the network is repaired here: tf2onnx turns each
+static corner-aligned bilinear resize (e.g. 5 -> 9 pixels) into an ONNX
+Resize with float `scales` (9 / 5 = 1.8). ONNX computes the output length as
+floor(5 * float32(1.8)) = 8, so shape inference fails ("Incompatible
+dimensions" at the pixel decoder's skip connection). With
+coordinate_transformation_mode=align_corners the interpolation depends only
+on the input and output lengths, so nudging such scales up by 1e-5
+(relative) restores the intended length without changing any value.
+
+tf2onnx and onnxruntime are optional: `pip install deeplab_kmax[onnx]`.
+"""
+
+import json
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from deeplab_kmax.export import numpy_pipeline
+
+INPUT_NAME = 'padded_images'
+MASK_LOGITS = 'pixel_space_mask_logits'
+CLASS_LOGITS = 'transformer_class_logits'
+METADATA_KEY = 'kmax_serving_metadata'
+DEFAULT_OPSET = 17
+# Relative increase of a Resize scale; keeps floor(in * scale) == out for
+# outputs up to 1e5 pixels long.
+_SCALE_NUDGE = 1e-5
+
+
+def require_optional(module_name: str):
+  """Imports an optional ONNX package, or says how to install it."""
+  try:
+    return __import__(module_name)
+  except ImportError as e:
+    raise ImportError(
+        f'ONNX export needs the optional package {module_name!r}: install it '
+        'with `pip install "deeplab_kmax[onnx]"` (tf2onnx, onnxruntime).'
+    ) from e
+
+
+def network_function(model, crop_size: Sequence[int]):
+  """tf.function: padded crops -> raw mask and class logits (no merge)."""
+  crop_h, crop_w = (int(s) for s in crop_size)
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, crop_h, crop_w, 3], tf.float32, name=INPUT_NAME)])
+  def network(padded_images):
+    outputs = model.predict_raw(padded_images, training=False)
+    return {MASK_LOGITS: tf.identity(outputs[MASK_LOGITS], name=MASK_LOGITS),
+            CLASS_LOGITS: tf.identity(outputs[CLASS_LOGITS],
+                                      name=CLASS_LOGITS)}
+
+  return network
+
+
+def fix_align_corners_resize_scales(model_proto) -> int:
+  """Nudges constant Resize scales so ONNX output lengths are not floored
+  one short (see module docstring). Returns the number of Resize ops fixed.
+  """
+  require_optional('onnx')
+  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  initializers = {i.name: i for i in model_proto.graph.initializer}
+  fixed = 0
+  for node in model_proto.graph.node:
+    if node.op_type != 'Resize' or len(node.input) < 3:
+      continue
+    attributes = {a.name: a for a in node.attribute}
+    mode = attributes.get('coordinate_transformation_mode')
+    if mode is None or mode.s != b'align_corners':
+      continue
+    scales = initializers.get(node.input[2])
+    if scales is None:
+      continue  # Sizes computed at run time: nothing to fix.
+    values = numpy_helper.to_array(scales).astype(np.float32)
+    nudged = np.where(values > 1, values * np.float32(1 + _SCALE_NUDGE),
+                      values).astype(np.float32)
+    if np.any(values < 1):
+      raise NotImplementedError(
+          f'Resize {node.name} shrinks by constant scales {values}; floor '
+          'rounding of downscaling scales is not handled.')
+    scales.CopyFrom(numpy_helper.from_array(nudged, scales.name))
+    fixed += 1
+  return fixed
+
+
+def convert_network(model, crop_size: Sequence[int], output_path: str,
+                    metadata: Optional[Mapping[str, Any]] = None,
+                    opset: int = DEFAULT_OPSET):
+  """Converts the network to ONNX and writes it (with metadata) to a file.
+
+  Args:
+    model: a built KMaXDeepLab.
+    crop_size: (height, width) of the padded crops the ONNX model takes.
+    output_path: the .onnx file to write (written via a temporary file).
+    metadata: serving metadata (from `PanopticServingModule.metadata`);
+      stored in metadata_props under `kmax_serving_metadata`.
+    opset: ONNX opset.
+
+  Returns:
+    The ONNX ModelProto.
+  """
+  tf2onnx = require_optional('tf2onnx')
+  onnx = require_optional('onnx')
+  function = network_function(model, crop_size)
+  model_proto, _ = tf2onnx.convert.from_function(
+      function, input_signature=function.input_signature, opset=opset)
+  fix_align_corners_resize_scales(model_proto)
+  if metadata is not None:
+    entry = model_proto.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(metadata, sort_keys=True)
+  directory = os.path.dirname(output_path)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  partial = f'{output_path}.partial-{os.getpid()}'
+  try:
+    onnx.save(model_proto, partial)
+    os.replace(partial, output_path)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  return model_proto
+
+
+class OnnxPanopticPredictor:
+  """Runs an exported ONNX network with the NumPy pre/post-processing.
+
+  `predictor(image)` takes uint8 [H, W, 3] and returns the same maps as the
+  SavedModel's serving_default signature.
+  """
+
+  def __init__(self, onnx_path: str,
+               metadata: Optional[Mapping[str, Any]] = None,
+               providers: Optional[Sequence[str]] = None):
+    ort = require_optional('onnxruntime')
+    self._session = ort.InferenceSession(
+        onnx_path, providers=list(providers or ['CPUExecutionProvider']))
+    if metadata is None:
+      stored = self._session.get_modelmeta().custom_metadata_map
+      if METADATA_KEY not in stored:
+        raise ValueError(f'{onnx_path} has no {METADATA_KEY} metadata; pass '
+                         'the serving metadata explicitly.')
+      metadata = json.loads(stored[METADATA_KEY])
+    self.metadata: Dict[str, Any] = dict(metadata)
+    self._label_space = numpy_pipeline.label_space_from_metadata(
+        self.metadata)
+    outputs = [o.name for o in self._session.get_outputs()]
+    self._output_order = [outputs.index(MASK_LOGITS),
+                          outputs.index(CLASS_LOGITS)]
+
+  def network(self, padded_images: np.ndarray):
+    """Raw (mask logits, class logits) for padded float32 crops."""
+    results = self._session.run(None, {INPUT_NAME: padded_images})
+    return tuple(results[i] for i in self._output_order)
+
+  def predict_batch(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+    return numpy_pipeline.run_pipeline(self.network, images, self.metadata,
+                                       self._label_space)
+
+  def __call__(self, image: np.ndarray) -> Dict[str, np.ndarray]:
+    image = np.asarray(image)
+    if image.ndim != 3:
+      raise ValueError(f'Expected one image [H, W, 3], got shape '
+                       f'{image.shape}.')
+    maps = self.predict_batch(image[None])
+    return {key: value[0] for key, value in maps.items()}

@@ -1,0 +1,126 @@
+"""Writing and reading the serving SavedModel.
+
+A SavedModel directory is written in full or not at all: the export goes to a
+hidden temporary directory next to `output_path` and is renamed into place at
+the end. An existing `output_path` is replaced only with `overwrite=True`, and
+even then the old directory is moved aside first and deleted only after the
+new one is in place. (Renaming is atomic on local file systems; on object
+stores such as GCS TensorFlow renames object by object.)
+"""
+
+import json
+import os
+import posixpath
+import time
+import uuid
+from typing import Any, Dict, Optional
+
+from absl import logging
+import tensorflow as tf
+
+from deeplab_kmax.export import serving
+
+
+class ExportError(RuntimeError):
+  """The SavedModel could not be written (nothing was left at the target)."""
+
+
+def _sibling(path: str, tag: str) -> str:
+  """A hidden, unique path in the same directory as `path`."""
+  path = path.rstrip('/')
+  parent, base = posixpath.split(path) if '://' in path else os.path.split(path)
+  name = f'.{base}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  return posixpath.join(parent, name) if '://' in path else os.path.join(
+      parent, name)
+
+
+def _remove_tree(path: str) -> None:
+  try:
+    if tf.io.gfile.exists(path):
+      tf.io.gfile.rmtree(path)
+  except (tf.errors.OpError, OSError) as e:  # Cleanup must not mask errors.
+    logging.warning('Could not remove %s: %s', path, e)
+
+
+def write_saved_model(module: serving.PanopticServingModule, output_path: str,
+                      overwrite: bool = False) -> str:
+  """Saves `module` with its signatures and metadata at `output_path`.
+
+  Args:
+    module: the serving module.
+    output_path: directory to create.
+    overwrite: replace an existing `output_path`.
+
+  Returns:
+    `output_path`.
+
+  Raises:
+    FileExistsError: `output_path` exists and overwrite is False.
+    ExportError: saving failed; `output_path` is unchanged.
+  """
+  output_path = output_path.rstrip('/')
+  if not output_path:
+    raise ValueError('output_path must not be empty.')
+  if tf.io.gfile.exists(output_path) and not overwrite:
+    raise FileExistsError(
+        f'{output_path} already exists; pass overwrite=True (--overwrite) to '
+        'replace it, or choose another output path.')
+  parent = os.path.dirname(output_path)
+  if parent:
+    tf.io.gfile.makedirs(parent)
+
+  staging = _sibling(output_path, 'partial')
+  start = time.time()
+  try:
+    tf.saved_model.save(module, staging, signatures=module.signatures())
+    # assets.extra/ is TF Serving's place for files the graph does not read.
+    tf.io.gfile.makedirs(os.path.dirname(metadata_path(staging)))
+    with tf.io.gfile.GFile(metadata_path(staging), 'w') as f:
+      f.write(module.metadata_json())
+  except Exception as e:
+    _remove_tree(staging)
+    raise ExportError(f'Exporting the SavedModel to {output_path} failed: '
+                      f'{e}') from e
+
+  backup = None
+  if tf.io.gfile.exists(output_path):
+    backup = _sibling(output_path, 'old')
+    tf.io.gfile.rename(output_path, backup)
+  try:
+    tf.io.gfile.rename(staging, output_path)
+  except Exception:
+    if backup is not None:
+      tf.io.gfile.rename(backup, output_path)
+    _remove_tree(staging)
+    raise
+  if backup is not None:
+    _remove_tree(backup)
+  logging.info('Wrote SavedModel %s in %.1fs.', output_path,
+               time.time() - start)
+  return output_path
+
+
+def metadata_path(saved_model_dir: str) -> str:
+  return os.path.join(saved_model_dir, 'assets.extra',
+                      serving.METADATA_FILENAME)
+
+
+def load_metadata(saved_model_dir: str) -> Dict[str, Any]:
+  """The serving metadata (dataset, preprocessing) of an exported model."""
+  path = metadata_path(saved_model_dir)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(
+        f'{saved_model_dir} has no {serving.METADATA_FILENAME}; was it '
+        'written by deeplab_kmax.export (trainer/export_model.py)?')
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def load(saved_model_dir: str, signature: Optional[str] = None):
+  """Loads the SavedModel; returns (signature function, metadata)."""
+  loaded = tf.saved_model.load(saved_model_dir)
+  name = signature or serving.SIGNATURE_IMAGE
+  if name not in loaded.signatures:
+    raise KeyError(f'{saved_model_dir} has no signature {name!r}; it has '
+                   f'{sorted(loaded.signatures)}.')
+  return loaded, loaded.signatures[name], load_metadata(saved_model_dir)

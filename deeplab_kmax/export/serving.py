@@ -1,0 +1,470 @@
+"""The serving graph: raw uint8 image in, panoptic maps at its size out.
+
+A served model must not depend on the caller reproducing the evaluation
+pipeline, so all of it lives inside the graph:
+
+  uint8 image [H, W, 3]
+    -> resize to range (the longer side fits the eval crop, bilinear, corners
+       aligned) and pad bottom/right with the mean pixel to the crop,
+       exactly as the evaluation input pipeline does
+    -> kMaX-DeepLab + mask-wise post-processing at the crop size
+    -> crop the padding off and resize back to H x W (nearest neighbour for
+       ids and scores, bilinear for probabilities, corners aligned; the same
+       way DeepLab2's evaluator undoes its preprocessing).
+
+Outputs (all at the input resolution, one map per image):
+
+  panoptic_pred   int32   semantic_id * label_divisor + instance_id; void
+                          (the ignore label) where no segment survived.
+  semantic_pred   int32   threshold-free semantic id of every pixel.
+  instance_pred   int32   instance id (1 + the mask's rank); 1 where none.
+  instance_scores float32 the largest mask probability of the pixel.
+  semantic_scores float32 class confidence of the segment that owns the
+                          pixel in panoptic_pred, 0 where void.
+  semantic_probs  float32 probability of the class in semantic_pred:
+                          sum over masks k of p(k | pixel) * p(class | k),
+                          the mask transformer's class marginal, computed
+                          at the output stride and bilinearly upsampled.
+
+`semantic_probs` is the probability of the predicted class, not the full
+[H, W, num_classes] map: at 1281 x 1281 the full map would be ~0.9 GB of
+float32, far too much for a REST response; the marginal of any class can be
+computed from the raw logits (`predict_raw`) when needed.
+
+The network runs once per batch through one traced function (`network`) that
+every signature calls, so the SavedModel holds the heavy graph only once.
+"""
+
+import dataclasses
+import json
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import tensorflow as tf
+
+from deeplab_kmax import post_processing
+from deeplab_kmax.data import dataset_info as dataset_info_lib
+from deeplab_kmax.data import preprocessing
+
+PANOPTIC_PRED = post_processing.PANOPTIC_PRED
+SEMANTIC_PRED = post_processing.SEMANTIC_PRED
+INSTANCE_PRED = post_processing.INSTANCE_PRED
+INSTANCE_SCORES = post_processing.INSTANCE_SCORES
+SEMANTIC_SCORES = post_processing.SEMANTIC_SCORES
+SEMANTIC_PROBS = 'semantic_probs'
+
+# Outputs resized back with nearest neighbour (ids must stay ids) and with
+# bilinear interpolation (a smooth probability map).
+NEAREST_OUTPUTS = (PANOPTIC_PRED, SEMANTIC_PRED, INSTANCE_PRED,
+                   INSTANCE_SCORES, SEMANTIC_SCORES)
+BILINEAR_OUTPUTS = (SEMANTIC_PROBS,)
+OUTPUT_KEYS = NEAREST_OUTPUTS + BILINEAR_OUTPUTS
+
+SIGNATURE_IMAGE = 'serving_default'
+SIGNATURE_BATCH = 'serving_batch'
+SIGNATURE_ENCODED = 'serving_encoded'
+INPUT_IMAGE = 'image'
+INPUT_IMAGES = 'images'
+# Sent as {"b64": ...} over REST; the "_bytes" suffix is the usual naming
+# convention for binary inputs (some serving front ends require it).
+INPUT_ENCODED = 'image_bytes'
+
+METADATA_FILENAME = 'kmax_serving_metadata.json'
+METADATA_VERSION = 1
+
+Size = Tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPreprocessing:
+  """Resize-to-range then pad-to-crop: the deterministic evaluation input.
+
+  Attributes:
+    crop_size: (height, width) the network runs at.
+    min_resize_value: both sides are first scaled up/down to reach it.
+    max_resize_value: then scaled down to fit; defaults to the crop size, so
+      that any image fits the crop.
+    resize_factor: resized sides become k * factor + 1 when set.
+  """
+  crop_size: Size
+  min_resize_value: Optional[Size] = None
+  max_resize_value: Optional[Size] = None
+  resize_factor: Optional[int] = None
+
+  def __post_init__(self):
+    if len(self.crop_size) != 2 or min(self.crop_size) <= 0:
+      raise ValueError(f'crop_size must be two positive ints, got '
+                       f'{self.crop_size}.')
+    object.__setattr__(self, 'crop_size', tuple(int(s) for s in
+                                                self.crop_size))
+    object.__setattr__(self, 'min_resize_value',
+                       preprocessing.resize_spec(self.min_resize_value))
+    maximum = preprocessing.resize_spec(self.max_resize_value)
+    object.__setattr__(self, 'max_resize_value', maximum or self.crop_size)
+    if (self.max_resize_value[0] > self.crop_size[0] or
+        self.max_resize_value[1] > self.crop_size[1]):
+      raise ValueError(f'max_resize_value {self.max_resize_value} exceeds the '
+                       f'crop size {self.crop_size}: resized images would not '
+                       'fit the crop.')
+    object.__setattr__(self, 'resize_factor', self.resize_factor or None)
+
+  @classmethod
+  def from_dataset_options(cls, options: Any) -> 'EvalPreprocessing':
+    """From DatasetOptions (normally `config.eval_dataset_options`)."""
+    crop = tuple(options.crop_size)
+    if len(crop) != 2:
+      raise ValueError(f'eval_dataset_options.crop_size must have two values '
+                       f'(height, width), got {list(crop)}.')
+    return cls(crop_size=crop,
+               min_resize_value=tuple(options.min_resize_value),
+               max_resize_value=tuple(options.max_resize_value),
+               resize_factor=int(getattr(options, 'resize_factor', 0)))
+
+  def to_json_dict(self) -> Dict[str, Any]:
+    return {
+        'crop_size': list(self.crop_size),
+        'min_resize_value': (list(self.min_resize_value)
+                             if self.min_resize_value else None),
+        'max_resize_value': list(self.max_resize_value),
+        'resize_factor': self.resize_factor,
+        'pad_value': preprocessing.MEAN_PIXEL,
+    }
+
+  @classmethod
+  def from_json_dict(cls, spec: Mapping[str, Any]) -> 'EvalPreprocessing':
+    return cls(crop_size=tuple(spec['crop_size']),
+               min_resize_value=spec.get('min_resize_value'),
+               max_resize_value=spec.get('max_resize_value'),
+               resize_factor=spec.get('resize_factor'))
+
+  def resized_size(self, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """[2] int32: the size an H x W image is resized to before padding."""
+    return preprocessing.range_resize_shape(
+        height, width, self.min_resize_value, self.max_resize_value,
+        self.resize_factor)
+
+  def __call__(self, images: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """[B, H, W, 3] images of one size -> (padded crops, resized size).
+
+    Returns:
+      [B, crop_h, crop_w, 3] float32 in 0..255 padded with the mean pixel,
+      and the [2] int32 size of the image part (top-left) of the crop.
+    """
+    pixels = tf.cast(images, tf.float32)
+    shape = tf.shape(pixels)
+    size = self.resized_size(shape[1], shape[2])
+    resized = tf.raw_ops.ResizeBilinear(images=pixels, size=size,
+                                        align_corners=True,
+                                        half_pixel_centers=False)
+    crop_h, crop_w = self.crop_size
+    paddings = [[0, 0], [0, crop_h - size[0]], [0, crop_w - size[1]], [0, 0]]
+    # Padded in mean-subtracted space, as the input pipeline does, so the
+    # float rounding of the image part matches it bit for bit.
+    padded = tf.pad(resized - preprocessing.MEAN_PIXEL,
+                    paddings) + preprocessing.MEAN_PIXEL
+    padded.set_shape([None, crop_h, crop_w, 3])
+    return padded, size
+
+
+def undo_preprocessing(outputs: Mapping[str, tf.Tensor],
+                       resized_size: tf.Tensor,
+                       output_size: tf.Tensor) -> Dict[str, tf.Tensor]:
+  """Crops predictions at the crop size to the image part, resizes them back.
+
+  Args:
+    outputs: [B, crop_h, crop_w] maps keyed by output name.
+    resized_size: [2] size of the image part at the top-left of the crop.
+    output_size: [2] size to resize to (the raw input size).
+
+  Returns:
+    [B, H, W] maps.
+  """
+  restored = {}
+  for key, value in outputs.items():
+    part = value[:, :resized_size[0], :resized_size[1], tf.newaxis]
+    if key in BILINEAR_OUTPUTS:
+      part = tf.raw_ops.ResizeBilinear(images=part, size=output_size,
+                                       align_corners=True,
+                                       half_pixel_centers=False)
+    else:
+      part = tf.raw_ops.ResizeNearestNeighbor(images=part, size=output_size,
+                                              align_corners=True,
+                                              half_pixel_centers=False)
+    restored[key] = tf.cast(part[..., 0], value.dtype)
+  return restored
+
+
+def corner_aligned_lookup(table: tf.Tensor, channel: tf.Tensor) -> tf.Tensor:
+  """Bilinearly upsampled `table`, read at one channel per output pixel.
+
+  Equals ResizeBilinear(table, [H, W], align_corners=True)[b, y, x,
+  channel[b, y, x]] without materialising the [B, H, W, K] upsampled table:
+  each output pixel blends its four source cells.
+
+  Args:
+    table: [B, h, w, K] float32.
+    channel: [B, H, W] int32 in [0, K).
+
+  Returns:
+    [B, H, W] float32.
+  """
+  shape = tf.shape(table)
+  batch, height, width, depth = shape[0], shape[1], shape[2], shape[3]
+  out_shape = tf.shape(channel)
+
+  def axis(in_size, out_size):
+    scale = (tf.cast(in_size - 1, tf.float32) /
+             tf.cast(tf.maximum(out_size - 1, 1), tf.float32))
+    position = tf.cast(tf.range(out_size), tf.float32) * scale
+    low = tf.cast(tf.floor(position), tf.int32)
+    high = tf.minimum(low + 1, in_size - 1)
+    return low, high, position - tf.cast(low, tf.float32)
+
+  top, bottom, y_weight = axis(height, out_shape[1])
+  left, right, x_weight = axis(width, out_shape[2])
+  flat = tf.reshape(table, [batch, -1])  # [B, h * w * K]
+
+  def read(rows, cols):  # [H], [W] -> [B, H, W]
+    cell = rows[:, tf.newaxis] * width + cols[tf.newaxis, :]  # [H, W]
+    return tf.gather(flat, cell[tf.newaxis] * depth + channel, batch_dims=1)
+
+  x_weight = x_weight[tf.newaxis, tf.newaxis, :]
+  y_weight = y_weight[tf.newaxis, :, tf.newaxis]
+  upper = read(top, left) + (read(top, right) - read(top, left)) * x_weight
+  lower = read(bottom, left) + (
+      read(bottom, right) - read(bottom, left)) * x_weight
+  return upper + (lower - upper) * y_weight
+
+
+def semantic_class_probability(
+    pixel_space_mask_logits: tf.Tensor,  # [B, h, w, N]
+    transformer_class_logits: tf.Tensor,  # [B, N, C + 1]
+    class_index: tf.Tensor) -> tf.Tensor:
+  """p(class | pixel) of a given class per pixel, marginalised over masks.
+
+  p(c | x) = sum_k p(mask k | x) p(c | mask k) (void included in p(. | k))
+  is computed at the network's output stride, as the mask logits are, and
+  bilinearly interpolated (corners aligned) to the size of `class_index`.
+  Only the requested class is interpolated, so the memory cost is that of a
+  few [B, H, W] maps, not of an [B, H, W, N] tensor.
+
+  Args:
+    pixel_space_mask_logits: mask logits at the output stride.
+    transformer_class_logits: class logits, void last.
+    class_index: [B, H, W] class-head index wanted at each output pixel
+      (normally that of `semantic_pred`).
+
+  Returns:
+    [B, H, W] float32 probabilities.
+  """
+  mask_probs = tf.nn.softmax(
+      tf.cast(pixel_space_mask_logits, tf.float32), axis=-1)  # [B, h, w, N]
+  class_probs = tf.nn.softmax(
+      tf.cast(transformer_class_logits, tf.float32), axis=-1)  # [B, N, C+1]
+  marginal = tf.einsum('bhwn,bnc->bhwc', mask_probs, class_probs)
+  return corner_aligned_lookup(marginal, class_index)
+
+
+def class_index_of(semantic: tf.Tensor,
+                   space: post_processing.PanopticLabelSpace) -> tf.Tensor:
+  """Dataset semantic ids -> class-head indices (ids outside map to 0)."""
+  ids = space.semantic_ids
+  table = [0] * (max(ids) + 1)
+  for index, semantic_id in enumerate(ids):
+    table[semantic_id] = index
+  return tf.gather(tf.constant(table, tf.int32),
+                   tf.clip_by_value(semantic, 0, len(table) - 1))
+
+
+def _check_images(images: tf.Tensor) -> tf.Tensor:
+  """Fails early, with a readable message, on images the model cannot use.
+
+  Signatures fix the dtype and rank; channels and size are checked here,
+  before the network's first convolution.
+  """
+  # The signatures leave the channel count open (None) on purpose: a served
+  # graph does not check input shapes against the signature, and a static 3
+  # would let graph optimisation fold this check away.
+  shape = tf.shape(images)
+  expected = ('kMaX-DeepLab serving expects uint8 RGB images [B, H, W, 3] '
+              '(serving_default: one image [H, W, 3]) with H, W >= 1')
+  checks = [
+      tf.debugging.assert_equal(
+          shape[-1], 3,
+          message=f'{expected}; got another number of channels. Convert '
+          'grayscale or RGBA images to RGB first, or send the encoded file '
+          'to serving_encoded, which converts them.'),
+      tf.debugging.assert_greater(
+          tf.reduce_min(shape[1:3]), 0,
+          message=f'{expected}; got an empty image.'),
+  ]
+  with tf.control_dependencies(checks):
+    return tf.ensure_shape(tf.identity(images), [None, None, None, 3])
+
+
+class _Untracked:
+  """Holds an object out of sight of TensorFlow's dependency tracking.
+
+  The Keras model must not be serialised as Keras layers (slow, and not
+  needed): the SavedModel only needs its variables and the traced graph.
+  """
+
+  def __init__(self, value):
+    self.value = value
+
+
+class PanopticServingModule(tf.Module):
+  """kMaX-DeepLab with evaluation pre- and post-processing, for export.
+
+  Signatures (see module docstring for the outputs):
+    serving_default(image: uint8 [H, W, 3]) -> maps [H, W]
+    serving_batch(images: uint8 [B, H, W, 3]) -> maps [B, H, W]
+      (one size per batch, like any tensor)
+    serving_encoded(image_bytes: string []) -> maps [H, W]
+      (a JPEG/PNG/BMP/GIF file; grayscale and RGBA are converted to RGB,
+      the first frame of an animation is used)
+  """
+
+  def __init__(self, model, info: dataset_info_lib.DatasetInfo,
+               eval_preprocessing: EvalPreprocessing,
+               metadata: Optional[Mapping[str, Any]] = None,
+               name: str = 'kmax_serving'):
+    super().__init__(name=name)
+    self._model = _Untracked(model)
+    self._info = _Untracked(info)
+    self._preprocessing = _Untracked(eval_preprocessing)
+    # Variables only (see `_Untracked`): what the traced graph reads.
+    self.model_variables = list(model.variables)
+    self._metadata = _Untracked(dict(metadata or {}))
+    crop_h, crop_w = eval_preprocessing.crop_size
+    self.network = tf.function(
+        self._network,
+        input_signature=[tf.TensorSpec([None, crop_h, crop_w, 3], tf.float32,
+                                       name='padded_images')])
+
+  @property
+  def model(self):
+    """The wrapped KMaXDeepLab (not part of the saved object graph)."""
+    return self._model.value
+
+  @property
+  def metadata(self) -> Dict[str, Any]:
+    """What a client needs to read the outputs (labels, names, colours)."""
+    info = self._info.value
+    space = label_space(info)
+    meta = {
+        'format_version': METADATA_VERSION,
+        'dataset': info.to_json_dict(),
+        'preprocessing': self._preprocessing.value.to_json_dict(),
+        'post_processing': dataclasses.asdict(
+            self._model.value.post_processor.options),
+        'label_space': {
+            'thing_class_ids': list(space.thing_class_ids),
+            'stuff_class_ids': list(space.stuff_class_ids),
+            'ignore_label': space.ignore_label,
+            'label_divisor': space.label_divisor,
+        },
+        'signatures': {
+            SIGNATURE_IMAGE: {'inputs': {INPUT_IMAGE: 'uint8 [H, W, 3]'}},
+            SIGNATURE_BATCH: {'inputs': {INPUT_IMAGES: 'uint8 [B, H, W, 3]'}},
+            SIGNATURE_ENCODED: {
+                'inputs': {INPUT_ENCODED: 'string [] (encoded image file)'}},
+        },
+        'outputs': {
+            PANOPTIC_PRED: 'int32, semantic * label_divisor + instance',
+            SEMANTIC_PRED: 'int32, semantic id',
+            INSTANCE_PRED: 'int32, instance id (1 where none)',
+            INSTANCE_SCORES: 'float32, largest mask probability',
+            SEMANTIC_SCORES: 'float32, class confidence of the owning '
+                             'segment (0 where void)',
+            SEMANTIC_PROBS: 'float32, probability of the semantic_pred class',
+        },
+    }
+    meta.update(self._metadata.value)
+    return meta
+
+  def metadata_json(self) -> str:
+    return json.dumps(self.metadata, indent=1, sort_keys=True)
+
+  def _network(self, padded_images: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """Network + mask-wise merge on padded crops; maps at the crop size."""
+    model = self._model.value
+    outputs = model(padded_images, training=False)
+    maps = {key: outputs[key] for key in NEAREST_OUTPUTS}
+    maps[SEMANTIC_PROBS] = semantic_class_probability(
+        outputs['pixel_space_mask_logits'],
+        outputs['transformer_class_logits'],
+        class_index_of(outputs[SEMANTIC_PRED],
+                       label_space(self._info.value)))
+    return maps
+
+  def predict_batch(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """uint8 [B, H, W, 3] -> output maps [B, H, W] (traced by signatures)."""
+    images = _check_images(images)
+    padded, resized_size = self._preprocessing.value(images)
+    maps = self.network(padded)
+    return undo_preprocessing(maps, resized_size, tf.shape(images)[1:3])
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, None, None, None], tf.uint8, name=INPUT_IMAGES)])
+  def serve_batch(self, images):
+    return self.predict_batch(images)
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, None, None], tf.uint8, name=INPUT_IMAGE)])
+  def serve_image(self, image):
+    maps = self.predict_batch(image[tf.newaxis])
+    return {key: value[0] for key, value in maps.items()}
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([], tf.string, name=INPUT_ENCODED)])
+  def serve_encoded(self, image_bytes):
+    image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8,
+                               expand_animations=False)
+    image.set_shape([None, None, 3])
+    maps = self.predict_batch(image[tf.newaxis])
+    return {key: value[0] for key, value in maps.items()}
+
+  def signatures(self) -> Dict[str, Any]:
+    """The concrete functions to export, keyed by signature name."""
+    return {
+        SIGNATURE_IMAGE: self.serve_image.get_concrete_function(),
+        SIGNATURE_BATCH: self.serve_batch.get_concrete_function(),
+        SIGNATURE_ENCODED: self.serve_encoded.get_concrete_function(),
+    }
+
+
+def build_serving_module(model, config,
+                         info: Optional[dataset_info_lib.DatasetInfo] = None,
+                         extra_metadata: Optional[Mapping[str, Any]] = None
+                         ) -> PanopticServingModule:
+  """The serving module for a built model and its experiment config.
+
+  Preprocessing comes from `config.eval_dataset_options`; the dataset
+  descriptor from the same options unless `info` is given.
+  """
+  options = config.eval_dataset_options
+  if info is None:
+    info = dataset_info_lib.get_dataset_info(options)
+  metadata = {
+      'experiment_name': config.experiment_name,
+      'backbone': config.model_options.backbone.name,
+  }
+  metadata.update(extra_metadata or {})
+  return PanopticServingModule(model, info,
+                               EvalPreprocessing.from_dataset_options(options),
+                               metadata)
+
+
+def label_space(info: dataset_info_lib.DatasetInfo
+                ) -> post_processing.PanopticLabelSpace:
+  """Class-head index -> dataset id, as the model's post-processor uses it."""
+  return post_processing.PanopticLabelSpace.derive(
+      info.num_thing_stuff_classes, info.thing_class_ids, info.ignore_label,
+      info.panoptic_label_divisor)
+
+
+def dataset_info_from_metadata(metadata: Mapping[str, Any]
+                               ) -> dataset_info_lib.DatasetInfo:
+  """The DatasetInfo stored in a SavedModel's metadata."""
+  return dataset_info_lib.from_json_dict(metadata['dataset'],
+                                         where='serving metadata')

@@ -1,0 +1,415 @@
+r"""Panoptic segmentation of image files, written in COCO panoptic format.
+
+  python -m deeplab_kmax.predict --saved_model=/tmp/kmax/1 \
+      --inputs='images/*.jpg' --output_dir=/tmp/predictions
+
+  python -m deeplab_kmax.predict \
+      --config_file=configs/coco/kmax_meta_r50.textproto \
+      --checkpoint_path=/path/to/ckpt --inputs='images/*.jpg' \
+      --output_dir=/tmp/predictions
+
+For every readable image `<stem>.<ext>` the output directory gets
+
+  <stem>_panoptic.png   COCO panoptic PNG: segment id = R + 256 G + 256^2 B,
+                        0 where void; ids are 1, 2, ... per image.
+  <stem>_segments.json  the segments: id, category_id (the dataset's own
+                        category id, e.g. COCO's), category_name,
+                        semantic_id (training id), instance_id, isthing,
+                        iscrowd (0), score, area, bbox [x, y, w, h].
+  <stem>_overlay.png    the image with segment colours, borders and class
+                        names, for a person to look at.
+
+and `predictions.json` collects all segments in the COCO panoptic results
+layout (`annotations` with `file_name` and `segments_info`, `categories`).
+
+Images are read with Pillow: EXIF orientation is applied; grayscale, palette
+and CMYK images are converted to RGB; an alpha channel is dropped; 16-bit
+grayscale is scaled to 8 bits. Files that cannot be read (or predicted) are
+skipped with a warning, and the command then exits with status 1.
+
+A segment's score is the class confidence of the mask that produced it
+(for stuff merged from several masks, the pixel-weighted mean).
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import sys
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+from PIL import UnidentifiedImageError
+
+from deeplab_kmax import visualization
+from deeplab_kmax.data import dataset_info as dataset_info_lib
+from deeplab_kmax.export import serving
+
+Maps = Dict[str, np.ndarray]
+
+PANOPTIC_SUFFIX = '_panoptic.png'
+SEGMENTS_SUFFIX = '_segments.json'
+OVERLAY_SUFFIX = '_overlay.png'
+RAW_SUFFIX = '_raw.npz'
+PREDICTIONS_FILE = 'predictions.json'
+
+
+class ImageReadError(ValueError):
+  """An input file is not an image this tool can use."""
+
+
+def as_rgb_uint8(image: Any) -> np.ndarray:
+  """Checks and converts an array to the model input, uint8 [H, W, 3].
+
+  Conversions: [H, W] and [H, W, 1] grayscale are repeated to RGB; [H, W, 2]
+  (gray + alpha) keeps the gray; [H, W, 4] drops the alpha channel. Any other
+  dtype than uint8 is rejected (rescaling floats is a guess this function
+  does not make: use np.clip(x, 0, 255).astype(np.uint8) for 0..255 floats).
+  """
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f'Expected a uint8 image, got dtype {image.dtype}. '
+                     'Convert it first, e.g. '
+                     'np.clip(image, 0, 255).astype(np.uint8).')
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
+    raise ValueError(f'Expected an image [H, W] or [H, W, 1|2|3|4], got shape '
+                     f'{image.shape}.')
+  if image.shape[0] == 0 or image.shape[1] == 0:
+    raise ValueError(f'The image is empty (shape {image.shape}).')
+  channels = image.shape[-1]
+  if channels in (1, 2):
+    image = np.repeat(image[..., :1], 3, axis=-1)
+  elif channels == 4:
+    image = image[..., :3]
+  return np.ascontiguousarray(image)
+
+
+def load_image(path: str) -> np.ndarray:
+  """Reads an image file as uint8 RGB [H, W, 3] (see module docstring)."""
+  try:
+    with Image.open(path) as opened:
+      opened.load()
+      picture = ImageOps.exif_transpose(opened)
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise ImageReadError(f'{path}: not a readable image ({e}).') from None
+  if picture.width == 0 or picture.height == 0:
+    raise ImageReadError(f'{path}: the image is empty.')
+  mode = picture.mode
+  if mode.startswith('I'):  # 16/32-bit integer grayscale.
+    values = np.asarray(picture).astype(np.float64)
+    if values.max(initial=0) > 255:
+      values = values * (255.0 / 65535.0)
+    return as_rgb_uint8(np.clip(np.round(values), 0, 255).astype(np.uint8))
+  if mode == 'F':
+    raise ImageReadError(f'{path}: 32-bit float images are not supported; '
+                         'save it as an 8-bit image.')
+  if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+    picture = picture.convert('RGBA')
+    return np.asarray(picture)[..., :3].copy()
+  if mode != 'RGB':
+    picture = picture.convert('RGB')
+  return as_rgb_uint8(np.asarray(picture))
+
+
+def encode_segment_ids(segment_ids: np.ndarray) -> np.ndarray:
+  """[H, W] ids -> [H, W, 3] uint8 with id = R + 256 G + 256^2 B."""
+  ids = np.asarray(segment_ids).astype(np.int64)
+  if ids.min(initial=0) < 0 or ids.max(initial=0) >= 256**3:
+    raise ValueError('Segment ids must be in [0, 2^24) for a panoptic PNG.')
+  return np.stack([ids % 256, ids // 256 % 256, ids // 256**2],
+                  axis=-1).astype(np.uint8)
+
+
+def decode_segment_ids(rgb: np.ndarray) -> np.ndarray:
+  """Inverse of `encode_segment_ids`."""
+  rgb = np.asarray(rgb).astype(np.int64)
+  return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+
+
+def panoptic_segments(panoptic: np.ndarray, semantic_scores: np.ndarray,
+                      info: dataset_info_lib.DatasetInfo
+                      ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+  """Numbers the segments of a panoptic map and describes each.
+
+  Args:
+    panoptic: [H, W] semantic * label_divisor + instance.
+    semantic_scores: [H, W] class confidence of each pixel's segment.
+    info: the dataset descriptor.
+
+  Returns:
+    ([H, W] int32 segment ids, 0 = void, 1.. in panoptic-id order;
+     the segments_info list).
+  """
+  panoptic = np.asarray(panoptic).astype(np.int64)
+  divisor = info.panoptic_label_divisor
+  to_source = info.contiguous_to_source()
+  things = set(info.thing_class_ids)
+  ids, inverse = np.unique(panoptic, return_inverse=True)
+  inverse = inverse.reshape(panoptic.shape)
+  segment_map = np.zeros(panoptic.shape, np.int32)
+  segments = []
+  scores = np.asarray(semantic_scores, np.float64)
+  for index, panoptic_id in enumerate(ids.tolist()):
+    semantic, instance = divmod(int(panoptic_id), divisor)
+    if semantic == info.ignore_label:
+      continue
+    mask = inverse == index
+    segment_id = len(segments) + 1
+    segment_map[mask] = segment_id
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    segments.append({
+        'id': segment_id,
+        'category_id': int(to_source.get(semantic, semantic)),
+        'category_name': info.class_names.get(semantic, str(semantic)),
+        'semantic_id': semantic,
+        'instance_id': instance,
+        'panoptic_id': int(panoptic_id),
+        'isthing': semantic in things,
+        'iscrowd': 0,
+        'score': round(float(scores[mask].mean()), 6),
+        'area': int(mask.sum()),
+        'bbox': [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1),
+                 int(rows[-1] - rows[0] + 1)],
+    })
+  return segment_map, segments
+
+
+@dataclasses.dataclass
+class Predictor:
+  """A callable uint8 [H, W, 3] -> output maps, with its label space."""
+  predict: Callable[[np.ndarray], Maps]
+  info: dataset_info_lib.DatasetInfo
+  description: str
+
+  def __call__(self, image: np.ndarray) -> Maps:
+    maps = self.predict(as_rgb_uint8(image))
+    return {key: np.asarray(value) for key, value in maps.items()}
+
+
+def saved_model_predictor(path: str) -> Predictor:
+  """Runs the `serving_default` signature of an exported SavedModel."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from deeplab_kmax.export import saved_model  # pylint: disable=g-import-not-at-top
+  loaded, function, metadata = saved_model.load(path)
+
+  def run(image):
+    outputs = function(**{serving.INPUT_IMAGE: tf.constant(image)})
+    return {key: value.numpy() for key, value in outputs.items()}
+
+  run.loaded = loaded  # The signature needs the loaded object alive.
+  return Predictor(run, serving.dataset_info_from_metadata(metadata),
+                   f'SavedModel {path}')
+
+
+def checkpoint_predictor(config: Any, checkpoint_path: str,
+                         allow_partial: bool = False) -> Predictor:
+  """Builds the model of `config`, restores the checkpoint, serves in-process."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from deeplab_kmax.export import model_loading  # pylint: disable=g-import-not-at-top
+  module = model_loading.build_serving_module_from_checkpoint(
+      config, checkpoint_path, allow_partial)
+
+  def run(image):
+    outputs = module.serve_image(tf.constant(image))
+    return {key: value.numpy() for key, value in outputs.items()}
+
+  run.module = module
+  info = dataset_info_lib.get_dataset_info(config.eval_dataset_options)
+  return Predictor(run, info, f'checkpoint {checkpoint_path}')
+
+
+def onnx_predictor(path: str) -> Predictor:
+  """Runs an ONNX export with the NumPy pre- and post-processing."""
+  from deeplab_kmax.export import onnx_export  # pylint: disable=g-import-not-at-top
+  runner = onnx_export.OnnxPanopticPredictor(path)
+  return Predictor(runner, serving.dataset_info_from_metadata(runner.metadata),
+                   f'ONNX {path}')
+
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff',
+                  '.webp')
+
+
+def expand_inputs(patterns: Sequence[str]) -> List[str]:
+  """Files matching any of the glob patterns, sorted.
+
+  A pattern may also name a file or a directory (its image files, by
+  suffix, non-recursively).
+  """
+  files = set()
+  for pattern in patterns:
+    for match in glob.glob(os.path.expanduser(pattern), recursive=True):
+      if os.path.isdir(match):
+        files.update(os.path.join(match, name) for name in os.listdir(match)
+                     if name.lower().endswith(IMAGE_SUFFIXES) and
+                     os.path.isfile(os.path.join(match, name)))
+      elif os.path.isfile(match):
+        files.add(match)
+  return sorted(files)
+
+
+def _unique_stems(files: Sequence[str]) -> Dict[str, str]:
+  """Output name stem per input file; duplicates get _2, _3, ..."""
+  stems, used = {}, set()
+  for path in files:
+    base = os.path.splitext(os.path.basename(path))[0]
+    stem, counter = base, 1
+    while stem in used:
+      counter += 1
+      stem = f'{base}_{counter}'
+    used.add(stem)
+    stems[path] = stem
+  return stems
+
+
+def write_prediction(output_dir: str, stem: str, image: np.ndarray,
+                     maps: Mapping[str, np.ndarray],
+                     info: dataset_info_lib.DatasetInfo,
+                     draw_names: bool = True, alpha: float = 0.6,
+                     save_raw: bool = False) -> Dict[str, Any]:
+  """Writes the PNG, JSON and overlay of one image; returns its annotation."""
+  panoptic = maps[serving.PANOPTIC_PRED]
+  segment_map, segments = panoptic_segments(
+      panoptic, maps[serving.SEMANTIC_SCORES], info)
+  png_name = stem + PANOPTIC_SUFFIX
+  Image.fromarray(encode_segment_ids(segment_map)).save(
+      os.path.join(output_dir, png_name))
+  annotation = {
+      'image_id': stem,
+      'file_name': png_name,
+      'height': int(panoptic.shape[0]),
+      'width': int(panoptic.shape[1]),
+      'label_divisor': info.panoptic_label_divisor,
+      'segments_info': segments,
+  }
+  with open(os.path.join(output_dir, stem + SEGMENTS_SUFFIX), 'w') as f:
+    json.dump(annotation, f, indent=1)
+  scores = {s['panoptic_id']: s['score'] for s in segments if s['isthing']}
+  overlay = visualization.visualize_panoptic(image, panoptic, info, scores,
+                                             alpha=alpha,
+                                             draw_names=draw_names)
+  Image.fromarray(overlay).save(os.path.join(output_dir,
+                                             stem + OVERLAY_SUFFIX))
+  if save_raw:
+    np.savez_compressed(os.path.join(output_dir, stem + RAW_SUFFIX),
+                        **{k: np.asarray(v) for k, v in maps.items()})
+  return annotation
+
+
+def categories(info: dataset_info_lib.DatasetInfo) -> List[Dict[str, Any]]:
+  """COCO-style category list of the dataset (void left out)."""
+  to_source = info.contiguous_to_source()
+  return [{'id': int(to_source.get(i, i)), 'name': info.class_names[i],
+           'isthing': int(i in info.thing_class_ids),
+           'color': list(info.colormap.get(i, (0, 0, 0)))}
+          for i in sorted(info.class_names) if i != info.ignore_label]
+
+
+def predict_files(predictor: Predictor, files: Sequence[str], output_dir: str,
+                  draw_names: bool = True, alpha: float = 0.6,
+                  save_raw: bool = False,
+                  progress: Optional[bool] = None) -> Tuple[int, List[str]]:
+  """Predicts every file; returns (number written, failed files)."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+  os.makedirs(output_dir, exist_ok=True)
+  stems = _unique_stems(files)
+  annotations, failed = [], []
+  bar = tqdm.tqdm(files, unit='image', desc='kMaX-DeepLab',
+                  disable=None if progress is None else not progress)
+  for path in bar:
+    try:
+      image = load_image(path)
+      maps = predictor(image)
+      annotations.append(write_prediction(
+          output_dir, stems[path], image, maps, predictor.info, draw_names,
+          alpha, save_raw))
+    except ImageReadError as e:
+      logging.warning('Skipped %s', e)
+      failed.append(path)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Skipped %s: prediction failed: %s: %s', path,
+                      type(e).__name__, e)
+      failed.append(path)
+  results = {'annotations': annotations, 'categories': categories(
+      predictor.info), 'failed': failed, 'model': predictor.description}
+  with open(os.path.join(output_dir, PREDICTIONS_FILE), 'w') as f:
+    json.dump(results, f, indent=1)
+  return len(annotations), failed
+
+
+def _define_flags() -> None:
+  """Defines the flags; only when run as a program, so imports stay free of
+  side effects (and of clashes with other tools' flags)."""
+  flags.DEFINE_string('saved_model', None,
+                      'SavedModel directory written by export_model.py.')
+  flags.DEFINE_string('onnx_model', None,
+                      'ONNX file written by export_model.py --onnx_path.')
+  flags.DEFINE_string('config_file', None,
+                      'Experiment config, with --checkpoint_path, instead of '
+                      'an exported model.')
+  flags.DEFINE_string('checkpoint_path', None,
+                      'Checkpoint (prefix or directory) for --config_file.')
+  flags.DEFINE_multi_string('config_override', [],
+                            'FIELD.PATH=VALUE config overrides. Repeatable.')
+  flags.DEFINE_list('inputs', None, 'Image files or glob patterns '
+                    '(comma-separated, quote them in the shell).')
+  flags.DEFINE_string('output_dir', None, 'Directory for the results.')
+  flags.DEFINE_float('overlay_alpha', 0.6, 'Segment colour weight.')
+  flags.DEFINE_bool('draw_names', True, 'Write class names in the overlay.')
+  flags.DEFINE_bool('save_raw_predictions', False,
+                    'Also save every output map as <stem>_raw.npz.')
+  flags.mark_flags_as_required(['inputs', 'output_dir'])
+
+
+def _predictor_from_flags(values) -> Predictor:
+  sources = [bool(values.saved_model), bool(values.onnx_model),
+             bool(values.config_file)]
+  if sum(sources) != 1:
+    raise app.UsageError('Give exactly one of --saved_model, --onnx_model or '
+                         '--config_file (with --checkpoint_path).')
+  if values.saved_model:
+    return saved_model_predictor(values.saved_model)
+  if values.onnx_model:
+    return onnx_predictor(values.onnx_model)
+  if not values.checkpoint_path:
+    raise app.UsageError('--config_file needs --checkpoint_path.')
+  from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(values.config_file)
+  if values.config_override:
+    config = config_lib.override(
+        config, config_lib.parse_override_flags(values.config_override))
+  return checkpoint_predictor(config, values.checkpoint_path)
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  values = flags.FLAGS
+  files = expand_inputs(values.inputs)
+  if not files:
+    logging.error('No file matches --inputs=%s.', ','.join(values.inputs))
+    return 1
+  predictor = _predictor_from_flags(values)
+  written, failed = predict_files(
+      predictor, files, values.output_dir, values.draw_names,
+      values.overlay_alpha, values.save_raw_predictions)
+  print(f'Wrote predictions for {written} of {len(files)} images to '
+        f'{values.output_dir}.')
+  if failed:
+    print(f'{len(failed)} file(s) failed: {", ".join(failed)}',
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
