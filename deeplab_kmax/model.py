@@ -116,13 +116,12 @@ class KMaXDeepLab(tf_keras.Model):
   @property
   def checkpoint_items(self) -> Dict[str, tf.Module]:
     """DeepLab2's checkpoint layout: encoder, decoders and head parts."""
-    items = {
+    return {
         'encoder': self._pixel_encoder,
         'pixel_decoder': self._pixel_decoder,
         'transformer_decoder': self._transformer_decoder,
+        **self._predictor.checkpoint_items,
     }
-    items.update(self._predictor.checkpoint_items)
-    return items
 
   @property
   def pixel_encoder(self) -> tf_keras.layers.Layer:
@@ -143,6 +142,11 @@ class KMaXDeepLab(tf_keras.Model):
   @property
   def post_processor(self) -> post_processing.MaskWisePostProcessor:
     return self._post_processor
+
+  @property
+  def auxiliary_output_number(self) -> int:
+    """Deep-supervision predictions in training mode (one per k-means block)."""
+    return len(self._transformer_decoder.blocks)
 
   @property
   def backbone_variables(self) -> Sequence[tf.Variable]:
@@ -235,7 +239,7 @@ def build_model(config: config_pb2.ExperimentOptions,
       solver.batchnorm_epsilon)
   model_options = config.model_options
   max_deeplab = model_options.max_deeplab
-  decoder_options = model_options.decoder
+  aspp_options = model_options.decoder
   layout = DatasetLayout.for_dataset(dataset_info.name,
                                      max_deeplab.num_mask_slots)
   center_channels = _scaled(kmax_decoder.CENTER_CHANNELS,
@@ -274,19 +278,19 @@ def build_model(config: config_pb2.ExperimentOptions,
       semantic_num_classes=semantic_classes,
       use_semantic_decoder=layout.use_semantic_decoder,
       semantic_head_channels=max_deeplab.auxiliary_semantic_head.head_channels,
-      aspp_channels=decoder_options.aspp_channels,
-      decoder_channels=decoder_options.decoder_channels,
-      atrous_rates=tuple(decoder_options.atrous_rates),
+      aspp_channels=aspp_options.aspp_channels,
+      decoder_channels=aspp_options.decoder_channels,
+      atrous_rates=tuple(aspp_options.atrous_rates),
       low_level=tuple((item.feature_key, item.channels_project)
                       for item in max_deeplab.auxiliary_low_level),
-      high_level_feature_key=decoder_options.feature_key,
-      decoder_conv_type=decoder_options.decoder_conv_type,
+      high_level_feature_key=aspp_options.feature_key,
+      decoder_conv_type=aspp_options.decoder_conv_type,
       **head_args)
   post_processor = post_processing.MaskWisePostProcessor.from_options(
       config.evaluator_options,
-      thing_class_ids=dataset_info.class_has_instances_list,
-      ignore_label=dataset_info.ignore_label,
-      label_divisor=dataset_info.panoptic_label_divisor)
+      thing_class_ids=tuple(dataset_info.class_has_instances_list),
+      ignore_label=int(dataset_info.ignore_label),
+      label_divisor=int(dataset_info.panoptic_label_divisor))
   model = KMaXDeepLab(encoder, pixel_decoder, transformer_decoder, predictor,
                       post_processor)
   if crop_size is None:

@@ -59,12 +59,10 @@ class AxialResNet(tf_keras.layers.Layer):
     self._encoder_output_stride = output_stride
 
     if stem == 'resnet':
-      self._stem = stems.resnet_stem(bn_layer,
-                                     width_multiplier=stem_width_multiplier,
+      self._stem = stems.resnet_stem(bn_layer, stem_width_multiplier,
                                      weight_decay=weight_decay)
     elif stem == 'inception':
-      self._stem = stems.InceptionStem(bn_layer,
-                                       width_multiplier=stem_width_multiplier,
+      self._stem = stems.InceptionStem(bn_layer, stem_width_multiplier,
                                        activation=activation,
                                        weight_decay=weight_decay)
     else:

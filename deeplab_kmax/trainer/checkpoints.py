@@ -50,14 +50,16 @@ class EvaluationCheckpoint(tf.train.Checkpoint):
 
 def restore_initial_checkpoint(path: str,
                                model_items: Mapping[str, Any],
-                               restore_semantic_last_layer: bool = False
+                               restore_semantic_last_layer: bool = False,
+                               restore_class_last_layer: bool = True
                                ) -> checkpoint_io.RestoreReport:
   """Initialises a built model from `model_options.initial_checkpoint`.
 
   Accepts a checkpoint prefix or a directory (DeepLab2's or ours). Only model
   items are read; optimizer state and extra entries in the file are ignored.
   The semantic last layer is class-count specific, so, as in DeepLab2, it is
-  skipped unless `restore_semantic_last_layer`. Model variables the file
+  skipped unless `restore_semantic_last_layer`; the transformer class heads
+  likewise unless `restore_class_last_layer`. Model variables the file
   lacks keep their initialisation and are listed in the returned report
   (and the log).
   """
@@ -67,7 +69,8 @@ def restore_initial_checkpoint(path: str,
   report = checkpoint_io.restore(
       model_items, path,
       skip_patterns=checkpoint_io.initial_checkpoint_skip_patterns(
-          restore_semantic_last_layer=restore_semantic_last_layer))
+          restore_semantic_last_layer=restore_semantic_last_layer,
+          restore_class_last_layer=restore_class_last_layer))
   if not report.restored:
     raise ValueError(f'Initial checkpoint {path!r} shares no variable with the '
                      'model; is it a kMaX-DeepLab / DeepLab2 checkpoint of the '

@@ -348,9 +348,11 @@ def run_experiment(mode: str,
     if initial and training:
       logging.info('No checkpoint in %s; initialising from %s.', model_dir,
                    initial)
+      model_options = config.model_options
       checkpoints_lib.restore_initial_checkpoint(
           initial, model.checkpoint_items,
-          config.model_options.restore_semantic_last_layer_from_initial_checkpoint)
+          model_options.restore_semantic_last_layer_from_initial_checkpoint,
+          model_options.restore_class_last_layer_from_initial_checkpoint)
     elif not training:
       logging.warning('No checkpoint in %s; evaluating %s.', model_dir,
                       f'the initial checkpoint {initial}' if initial else
