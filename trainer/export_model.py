@@ -62,6 +62,7 @@ def main(argv) -> int:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   start = time.time()
   config = config_lib.load_config(_CONFIG_FILE.value)
+  config = config_lib.expand_environment_variables(config, 'eval')
   if _CONFIG_OVERRIDE.value:
     config = config_lib.override(
         config, config_lib.parse_override_flags(_CONFIG_OVERRIDE.value))

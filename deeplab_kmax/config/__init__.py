@@ -15,6 +15,7 @@ from deeplab_kmax.config import dataset_pb2
 from deeplab_kmax.config import evaluator_pb2
 from deeplab_kmax.config import model_pb2
 from deeplab_kmax.config import trainer_pb2
+from deeplab_kmax.config.environment import expand_environment_variables
 from deeplab_kmax.config.loader import ConfigError
 from deeplab_kmax.config.loader import load_config
 from deeplab_kmax.config.loader import parse_config
@@ -33,6 +34,7 @@ __all__ = [
     'config_pb2',
     'dataset_pb2',
     'evaluator_pb2',
+    'expand_environment_variables',
     'find_problems',
     'load_config',
     'model_pb2',

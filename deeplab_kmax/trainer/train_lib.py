@@ -11,7 +11,6 @@ model_dir (step counter, weights and optimizer state); only a fresh run reads
 
 import dataclasses
 import os
-import re
 from typing import Any, Callable, List, Optional, Sequence
 
 from absl import logging
@@ -19,6 +18,7 @@ import orbit
 import tensorflow as tf
 import tf_keras
 
+from deeplab_kmax import config as config_lib
 from deeplab_kmax.trainer import checkpoints as checkpoints_lib
 from deeplab_kmax.trainer import distribution
 from deeplab_kmax.trainer import kmax_evaluator
@@ -30,69 +30,13 @@ MODES = ('train', 'eval', 'train_and_eval', 'continuous_eval')
 # kMaX backbones reduce by 32 with corner-aligned resampling, so every crop
 # side must be 32 * k + 1 (e.g. 641, 1025, 1281).
 KMAX_OUTPUT_STRIDE = 32
-_PLACEHOLDER = re.compile(r'\$\{(\w+)\}')
 _NUM_TRAIN_VIS_IMAGES = 2
 
 
 # --- Config preparation. -------------------------------------------------------
 
 
-def _sections_for_mode(mode: str) -> List[str]:
-  """Top-level config sections a mode reads (for placeholder checks)."""
-  sections = ['experiment_name', 'model_options', 'trainer_options',
-              'evaluator_options']
-  if 'train' in mode:
-    sections.append('train_dataset_options')
-  if 'eval' in mode:
-    sections.append('eval_dataset_options')
-  return sections
-
-
-def expand_environment_variables(config, mode: str = 'train_and_eval'):
-  """Returns a copy of `config` with `${VAR}` in string fields expanded.
-
-  Placeholders come from the environment. An unset variable in a section the
-  mode uses is an error that names the variables and fields; elsewhere (e.g.
-  the eval file pattern while training) the text is left as it is.
-  """
-  config = type(config).FromString(config.SerializeToString())
-  used = set(_sections_for_mode(mode))
-  unset = []
-
-  def expand(value: str, path: str) -> str:
-    def replace(match):
-      name = match.group(1)
-      if name in os.environ:
-        return os.environ[name]
-      if path.split('.')[0] in used:
-        unset.append((name, path))
-      return match.group(0)
-    return _PLACEHOLDER.sub(replace, value)
-
-  def walk(message, prefix: str):
-    for field, value in message.ListFields():
-      path = f'{prefix}{field.name}'
-      repeated = getattr(field, 'is_repeated', None)
-      if repeated is None:  # protobuf < 6.
-        repeated = field.label == field.LABEL_REPEATED
-      if field.type == field.TYPE_MESSAGE:
-        for item in (value if repeated else [value]):
-          walk(item, path + '.')
-      elif field.type == field.TYPE_STRING:
-        if repeated:
-          value[:] = [expand(v, path) for v in value]
-        else:
-          setattr(message, field.name, expand(value, path))
-
-  walk(config, '')
-  if unset:
-    details = ', '.join(f'${{{name}}} in {path}' for name, path in unset)
-    names = sorted({name for name, _ in unset})
-    raise ValueError(
-        f'The config uses environment variables that are not set: {details}. '
-        f'Set them (e.g. export {names[0]}=...) or replace the placeholders '
-        'in the config.')
-  return config
+expand_environment_variables = config_lib.expand_environment_variables
 
 
 def check_crop_size(crop_size: Sequence[int], field: str) -> None:
@@ -121,7 +65,6 @@ def prepare_config(config, mode: str, check_files: bool = True):
   """Expands placeholders and fails early on values that cannot work."""
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES}.')
-  from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
   config = expand_environment_variables(config, mode)
   config_lib.validate(config)
   is_kmax = config.model_options.backbone.name.startswith('kmax_')
