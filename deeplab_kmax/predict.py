@@ -383,7 +383,8 @@ def _predictor_from_flags(values) -> Predictor:
     raise app.UsageError('--config_file needs --checkpoint_path.')
   from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(values.config_file)
-  config = config_lib.expand_environment_variables(config, 'eval')
+  config = config_lib.expand_environment_variables(
+      config, 'eval', strict=False)
   if values.config_override:
     config = config_lib.override(
         config, config_lib.parse_override_flags(values.config_override))

@@ -62,7 +62,8 @@ def main(argv) -> int:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   start = time.time()
   config = config_lib.load_config(_CONFIG_FILE.value)
-  config = config_lib.expand_environment_variables(config, 'eval')
+  config = config_lib.expand_environment_variables(
+      config, 'eval', strict=False)
   if _CONFIG_OVERRIDE.value:
     config = config_lib.override(
         config, config_lib.parse_override_flags(_CONFIG_OVERRIDE.value))

@@ -23,11 +23,13 @@ def _sections_for_mode(mode: str) -> List[str]:
   return sections
 
 
-def expand_environment_variables(config, mode: str = 'train_and_eval'):
+def expand_environment_variables(config, mode: str = 'train_and_eval',
+                                 strict: bool = True):
   """Returns a copy of `config` with `${VAR}` in string fields expanded.
 
   Placeholders come from the environment. An unset variable in a section the
-  mode uses is an error that names the variables and fields; elsewhere (e.g.
+  mode uses is an error that names the variables and fields (unless not
+  `strict`, for tools such as export that read few paths); elsewhere (e.g.
   the eval file pattern while training) the text is left as it is.
   """
   config = type(config).FromString(config.SerializeToString())
@@ -60,7 +62,7 @@ def expand_environment_variables(config, mode: str = 'train_and_eval'):
           setattr(message, field.name, expand(value, path))
 
   walk(config, '')
-  if unset:
+  if unset and strict:
     details = ', '.join(f'${{{name}}} in {path}' for name, path in unset)
     names = sorted({name for name, _ in unset})
     raise ValueError(
