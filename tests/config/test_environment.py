@@ -19,7 +19,8 @@ def test_set_variables_expand_and_unset_ones_are_named(monkeypatch):
     config_lib.expand_environment_variables(config, 'eval')
   lenient = config_lib.expand_environment_variables(config, 'eval',
                                                     strict=False)
-  assert lenient.eval_dataset_options.file_pattern == '/data/val-*'
+  assert list(lenient.eval_dataset_options.file_pattern) == ['/data/val-*']
   assert lenient.model_options.initial_checkpoint == '${KMAX_TEST_CKPT}'
   # The input is not modified.
-  assert config.eval_dataset_options.file_pattern == '${KMAX_TEST_DATA}/val-*'
+  assert list(config.eval_dataset_options.file_pattern) == [
+      '${KMAX_TEST_DATA}/val-*']
