@@ -205,3 +205,22 @@ def test_unknown_backbone_is_rejected():
   with pytest.raises(ValueError, match='kmax_vgg16'):
     model_lib.build_pixel_encoder(config.model_options.backbone,
                                   tf_keras.layers.BatchNormalization)
+
+
+def test_demo_config_builds_a_narrow_kmax(monkeypatch, tmp_path):
+  """The CPU demo is the same architecture, scaled by the config extensions."""
+  from deeplab_kmax.data import demo_dataset  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('DEMO_DIR', str(tmp_path))
+  config = config_lib.expand_environment_variables(
+      _load('configs/demo/kmax_demo.textproto'), 'train', strict=False)
+  config_lib.validate(config)
+  tf_keras.backend.clear_session()
+  model = model_lib.build_model(config, dataset_info=demo_dataset.dataset_info(),
+                                crop_size=(65, 65))
+  counts = model_summary.parameter_counts(model)
+  assert 3e6 < counts.trainable_parameters < 6e6
+  assert model.transformer_decoder.cluster_centers.shape == (1, 32, 64)
+  assert model.auxiliary_output_number == 6
+  outputs = model(tf.random.uniform([1, 65, 65, 3], 0, 255), training=False)
+  assert outputs['panoptic_pred'].shape == (1, 65, 65)
+  assert outputs['transformer_class_logits'].shape == (1, 32, 7)
