@@ -74,6 +74,7 @@ def create_dataset(
     *,
     dataset_info: Optional[dataset_info_lib.DatasetInfo] = None,
     only_semantic_annotations: bool = False,
+    center_targets: bool = False,
     max_num_examples: int = -1,
     cycle_length: int = CYCLE_LENGTH,
     shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
@@ -92,6 +93,9 @@ def create_dataset(
     dataset_info: Descriptor override; by default resolved from the options
       (`get_dataset_info`).
     only_semantic_annotations: Skip instance targets.
+    center_targets: Also compute Panoptic-DeepLab's centre heatmap and
+      offsets (and their loss weights), making samples equal DeepLab2's key
+      for key. kMaX-DeepLab does not use them, so they are off by default.
     max_num_examples: If positive, read at most this many records.
     cycle_length: Files read concurrently in training.
     shuffle_buffer_size: Record-level shuffle buffer in training.
@@ -113,6 +117,7 @@ def create_dataset(
       getattr(dataset_options, 'decode_groundtruth_label', True)))
   generator = sample_generator_lib.generator_from_options(
       dataset_options, info, is_training,
+      center_targets=center_targets,
       only_semantic_annotations=only_semantic_annotations)
 
   def examples(stream_seed):

@@ -15,8 +15,11 @@ as in DeepLab2):
   thing_id_class_gt         [max_thing_id]  semantic id of each of the K
                                             float32         instances, -1 after
   center_loss_weight, regression_loss_weight, instance_center_gt,
-  instance_regression_gt    Panoptic-DeepLab centre / offset targets (kept so
-                            samples match DeepLab2's key for key)
+  instance_regression_gt    Panoptic-DeepLab centre / offset targets; only
+                            with center_targets=True (samples then match
+                            DeepLab2's key for key). kMaX's losses do not read
+                            them, and they cost about half of a CPU
+                            pipeline's per-image time.
 
 Evaluation samples also carry resized_image, image_name, size_raw and the
 labels at the original size (semantic_raw, panoptic_raw, is_crowd_raw).
@@ -100,8 +103,10 @@ class InstanceTargets:
 
   def __init__(self, info: dataset_info_lib.DatasetInfo, sigma: float = 8.0,
                small_instance_threshold: int = 0,
-               small_instance_weight: float = 1.0, max_thing_id: int = 128):
+               small_instance_weight: float = 1.0, max_thing_id: int = 128,
+               center_targets: bool = True):
     self._info = info
+    self._center_targets = center_targets
     self._sigma = sigma
     self._small_threshold = small_instance_threshold
     self._small_weight = small_instance_weight
@@ -122,9 +127,19 @@ class InstanceTargets:
     """panoptic: [H, W] int32 -> dict of [H, W] targets (+ thing classes)."""
     height, width = tf.shape(panoptic)[0], tf.shape(panoptic)[1]
     ids, index_of_pixel, area, is_instance = self._instances(panoptic)
-    num_ids = tf.shape(ids)[0]
     pixel_is_instance = tf.gather(is_instance, index_of_pixel)  # [HW]
+    targets = self._thing_targets(ids, index_of_pixel, area, is_instance,
+                                  pixel_is_instance, height, width)
+    if self._center_targets:
+      targets.update(self._center_and_offset(
+          ids, index_of_pixel, area, is_instance, pixel_is_instance, height,
+          width))
+    return targets
 
+  def _center_and_offset(self, ids, index_of_pixel, area, is_instance,
+                         pixel_is_instance, height, width):
+    """Panoptic-DeepLab's centre heatmap and centre offsets."""
+    num_ids = tf.shape(ids)[0]
     # Centres: rounded mean coordinate of each instance, from per-row and
     # per-column pixel counts of every id (exact integer sums).
     index_map = tf.reshape(index_of_pixel, [height, width])
@@ -160,7 +175,12 @@ class InstanceTargets:
         canvas, indices, tf.tile(tf.constant(self._blob), [num_instances]))
     heatmap = canvas[self._pad_before:self._pad_before + height,
                      self._pad_before:self._pad_before + width]
+    return {GT_INSTANCE_CENTER: heatmap,
+            GT_INSTANCE_REGRESSION: tf.cast(offsets, tf.float32)}
 
+  def _thing_targets(self, ids, index_of_pixel, area, is_instance,
+                     pixel_is_instance, height, width):
+    """Thing-id masks and classes (kMaX's mask targets), loss weights."""
     # Thing ids for the mask losses: instance rank in first-appearance order.
     num_things = tf.reduce_sum(tf.cast(is_instance, tf.int32))
     check = tf.debugging.assert_less_equal(
@@ -186,8 +206,6 @@ class InstanceTargets:
 
     shape2d = tf.stack([height, width])
     return {
-        GT_INSTANCE_CENTER: heatmap,
-        GT_INSTANCE_REGRESSION: tf.cast(offsets, tf.float32),
         SEMANTIC_LOSS_WEIGHT: tf.reshape(weight, shape2d),
         GT_THING_ID_MASK: tf.reshape(thing_id_mask, shape2d),
         GT_THING_ID_CLASS: thing_id_class,
@@ -208,7 +226,8 @@ class PanopticSampleGenerator:
                max_thing_id: int = 128, sigma: float = 8.0,
                small_instance_threshold: int = 0,
                small_instance_weight: float = 1.0,
-               copy_paste_options: Optional[CopyPasteOptions] = None):
+               copy_paste_options: Optional[CopyPasteOptions] = None,
+               center_targets: bool = True):
     crop_size = tuple(int(c) for c in crop_size)
     if len(crop_size) != 2 or min(crop_size) <= 0:
       raise ValueError(f'crop_size must be [height, width], got {crop_size}.')
@@ -216,6 +235,7 @@ class PanopticSampleGenerator:
     self._is_training = is_training
     self._only_semantic = only_semantic
     self._thing_id_masks = thing_id_mask_annotations
+    self._center_targets = center_targets
     self._copy_paste = copy_paste_options if is_training else None
     if self._copy_paste and self._copy_paste.scale <= 0:
       self._copy_paste = None
@@ -228,7 +248,8 @@ class PanopticSampleGenerator:
     self._scales = (min_scale_factor, max_scale_factor)
     self._targets = InstanceTargets(
         info, sigma=sigma, small_instance_threshold=small_instance_threshold,
-        small_instance_weight=small_instance_weight, max_thing_id=max_thing_id)
+        small_instance_weight=small_instance_weight, max_thing_id=max_thing_id,
+        center_targets=center_targets)
     # The partner crop pads with void + 1 so padding and real void differ.
     self._paste_padding = info.panoptic_ignore_label + 1
 
@@ -295,13 +316,16 @@ class PanopticSampleGenerator:
     instance = self._targets(panoptic)
     targets.update({
         GT_PANOPTIC: label,
-        CENTER_LOSS_WEIGHT: tf.cast(
-            ~is_crowd & (semantic != self._info.ignore_label), tf.float32),
-        REGRESSION_LOSS_WEIGHT: tf.cast(~is_crowd & is_thing, tf.float32),
-        GT_INSTANCE_CENTER: instance[GT_INSTANCE_CENTER],
-        GT_INSTANCE_REGRESSION: instance[GT_INSTANCE_REGRESSION],
         SEMANTIC_LOSS_WEIGHT: instance[SEMANTIC_LOSS_WEIGHT],
     })
+    if self._center_targets:
+      targets.update({
+          CENTER_LOSS_WEIGHT: tf.cast(
+              ~is_crowd & (semantic != self._info.ignore_label), tf.float32),
+          REGRESSION_LOSS_WEIGHT: tf.cast(~is_crowd & is_thing, tf.float32),
+          GT_INSTANCE_CENTER: instance[GT_INSTANCE_CENTER],
+          GT_INSTANCE_REGRESSION: instance[GT_INSTANCE_REGRESSION],
+      })
     if self._thing_id_masks:
       targets[GT_THING_ID_MASK] = instance[GT_THING_ID_MASK]
       targets[GT_THING_ID_CLASS] = instance[GT_THING_ID_CLASS]
@@ -321,7 +345,8 @@ def _has_field(message: Any, name: str) -> bool:
 
 def generator_from_options(options: Any, info: dataset_info_lib.DatasetInfo,
                            is_training: bool,
-                           only_semantic_annotations: bool = False
+                           only_semantic_annotations: bool = False,
+                           center_targets: bool = True
                            ) -> PanopticSampleGenerator:
   """Builds the generator from a DatasetOptions message (DeepLab2 fields)."""
   augment = options.augmentations if _has_field(options,
@@ -350,4 +375,5 @@ def generator_from_options(options: Any, info: dataset_info_lib.DatasetInfo,
                                 if small else 0),
       small_instance_weight=(float(options.small_instance_weight)
                              if small else 1.0),
-      copy_paste_options=copy_paste_options)
+      copy_paste_options=copy_paste_options,
+      center_targets=center_targets)

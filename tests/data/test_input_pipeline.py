@@ -68,11 +68,25 @@ def test_training_batches_are_consistent(demo_data):
       for k in np.unique(ids[b][ids[b] >= 0]):
         assert (semantic[b][ids[b] == k] == classes[b, k]).all()
       assert (classes[b, len(np.unique(ids[b][ids[b] >= 0])):] == -1).all()
+    # kMaX's targets only: no Panoptic-DeepLab centre/offset targets.
     assert set(batch) == {
         sg.IMAGE, sg.GT_SEMANTIC, sg.GT_PANOPTIC, sg.GT_IS_CROWD,
-        sg.SEMANTIC_LOSS_WEIGHT, sg.GT_THING_ID_MASK, sg.GT_THING_ID_CLASS,
-        sg.CENTER_LOSS_WEIGHT, sg.REGRESSION_LOSS_WEIGHT,
-        sg.GT_INSTANCE_CENTER, sg.GT_INSTANCE_REGRESSION}
+        sg.SEMANTIC_LOSS_WEIGHT, sg.GT_THING_ID_MASK, sg.GT_THING_ID_CLASS}
+
+
+def test_center_targets_on_request(demo_data):
+  options = _training_options(demo_data)
+  with_centers = input_pipeline.create_dataset(
+      options, is_training=True, shuffle_buffer_size=16, seed=3,
+      center_targets=True)
+  batch = next(iter(with_centers))
+  center_keys = {sg.CENTER_LOSS_WEIGHT, sg.REGRESSION_LOSS_WEIGHT,
+                 sg.GT_INSTANCE_CENTER, sg.GT_INSTANCE_REGRESSION}
+  assert center_keys <= set(batch)
+  assert batch[sg.GT_INSTANCE_CENTER].shape == (2, 65, 65)
+  assert batch[sg.GT_INSTANCE_REGRESSION].shape == (2, 65, 65, 2)
+  # Heatmap peaks (value 1) exactly at some pixel of every visible instance.
+  assert float(batch[sg.GT_INSTANCE_CENTER].numpy().max()) == 1.0
 
 
 def _expected_panoptic(demo_data, stem, info):

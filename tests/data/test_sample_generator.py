@@ -94,8 +94,8 @@ def test_eval_sample_equals_deeplab2_golden(reference_dir):
   options.max_resize_value.append(129)
   options.file_pattern.append(
       str(reference_dir / 'tfrecord' / 'val-00000-of-00001.tfrecord'))
-  sample = next(iter(input_pipeline.create_dataset(options,
-                                                   is_training=False)))
+  sample = next(iter(input_pipeline.create_dataset(
+      options, is_training=False, center_targets=True)))
   golden = np.load(reference_dir / 'golden' / 'sample_eval_example0.npz')
   assert set(sample) == set(golden.files)
   for key in golden.files:
