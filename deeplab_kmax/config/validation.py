@@ -18,7 +18,7 @@ CONV_TYPES = ('depthwise_separable_conv', 'standard_conv')
 TRANSFORMER_POST_PROCESSINGS = ('pixelwise', 'maskwise')
 COPY_PASTE_OPTIONS = ('none', 'random', 'all')
 RAW_PANOPTIC_FORMATS = ('two_channel_png', 'three_channel_png',
-                        'two_channel_numpy_array')
+                        'two_channel_numpy_array', 'coco_panoptic')
 # The kMaX pixel decoder consumes the encoder's stride-32 features.
 KMAX_OUTPUT_STRIDE = 32
 OUTPUT_STRIDES = (8, 16, 32)

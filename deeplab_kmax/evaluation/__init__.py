@@ -1,13 +1,18 @@
-"""Dataset metrics: panoptic quality and semantic mIoU (numpy, streaming)."""
+"""Dataset metrics (numpy, streaming): panoptic quality, semantic mIoU,
+instance AP (pycocotools); raw prediction files for offline scoring."""
 
+from deeplab_kmax.evaluation.instance_ap import InstanceAveragePrecision
 from deeplab_kmax.evaluation.panoptic_quality import PanopticQuality
 from deeplab_kmax.evaluation.panoptic_quality import PanopticQualityResult
+from deeplab_kmax.evaluation.prediction_writer import RawPredictionWriter
 from deeplab_kmax.evaluation.semantic_iou import SemanticIoU
 from deeplab_kmax.evaluation.semantic_iou import SemanticIoUResult
 
 __all__ = [
+    'InstanceAveragePrecision',
     'PanopticQuality',
     'PanopticQualityResult',
+    'RawPredictionWriter',
     'SemanticIoU',
     'SemanticIoUResult',
 ]

@@ -1,10 +1,11 @@
-"""The Orbit evaluation loop: inference, panoptic quality and mIoU.
+"""The Orbit evaluation loop: inference, panoptic quality, mIoU and hooks.
 
 Each step runs the model in inference mode (post-processed `panoptic_pred`
 and `semantic_pred`), undoes the eval preprocessing on device (drops the
 bottom/right padding, resizes back to the raw label size with
 nearest-neighbour, corners aligned, like DeepLab2), and hands the maps to
-streaming NumPy accumulators in `eval_reduce`. Results go to the logs,
+streaming NumPy accumulators in `eval_reduce`, and to the extra-metric
+hooks (instance AP, raw prediction files). Results go to the logs,
 TensorBoard (through Orbit) and an atomically written JSON file.
 
 Outside TPUs the model is called directly rather than through
@@ -32,15 +33,22 @@ PANOPTIC_GT = 'panoptic_gt'
 SEMANTIC_GT = 'semantic_gt'
 PANOPTIC_PRED = 'panoptic_pred'
 SEMANTIC_PRED = 'semantic_pred'
+SEMANTIC_SCORES = 'semantic_scores'
+INSTANCE_SCORES = 'instance_scores'
+IMAGE_NAME = 'image_name'
+SIZE_RAW = 'size_raw'
 _VIS_IMAGE = 'vis_image'
 _VIS_PANOPTIC = 'vis_panoptic'
 
 
 class ExtraMetric(Protocol):
-  """Hook for further metrics (e.g. instance AP with pycocotools).
+  """Hook for further metrics or outputs (instance AP, prediction files).
 
-  `update` gets one example's NumPy inputs and raw-size predictions; the
-  scalars of `result` are logged under `evaluation/<name>/`.
+  `update` gets one example's NumPy maps at the raw label size:
+  panoptic_pred, semantic_pred, semantic_scores and instance_scores (when
+  the model returns them), panoptic_gt / semantic_gt (when labelled) and
+  image_name. The scalars of `result` are logged under
+  `evaluation/<name>/`; an optional `report()` dict goes into the JSON file.
   """
   name: str
 
@@ -160,19 +168,22 @@ class KMaXEvaluator(orbit.StandardEvaluator):
       tf.summary.image('eval/panoptic_overlay',
                        np.stack(self._pad_to_common(self._vis_images)),
                        step=step, max_outputs=len(self._vis_images))
+    logs, reports = {}, {}
+    for metric in self._extra_metrics:
+      for key, value in metric.result().items():
+        logs[f'evaluation/{metric.name}/{key}'] = value
+      report = getattr(metric, 'report', None)
+      if report is not None:
+        reports[metric.name] = report()
     if not self._has_labels:
       logging.warning('The eval data has no ground truth; no metrics.')
-      return {}
+      return logs
     pq = self._panoptic_quality.result()
     iou = self._semantic_iou.result()
-    logs = {}
     for key, value in pq.to_flat_dict().items():
       logs[f'evaluation/pq/{key}'] = value
     for key, value in iou.to_flat_dict().items():
       logs[f'evaluation/iou/{key}'] = value
-    for metric in self._extra_metrics:
-      for key, value in metric.result().items():
-        logs[f'evaluation/{metric.name}/{key}'] = value
     class_names = [self._info.class_names.get(c, str(c))
                    for c in range(self._info.num_classes)]
     logging.info('Panoptic quality at step %d over %d images:\n%s', step,
@@ -189,6 +200,7 @@ class KMaXEvaluator(orbit.StandardEvaluator):
           'iou_per_class': {
               class_names[c]: float(iou.iou[c])
               for c in np.flatnonzero(iou.union > 0)},
+          **reports,
       }
       summaries.write_json_atomically(
           os.path.join(self._model_dir, 'eval', f'metrics_{step:08d}.json'),
@@ -212,8 +224,6 @@ class KMaXEvaluator(orbit.StandardEvaluator):
         raise KeyError(f'The model returned {sorted(predictions)} in '
                        f'inference mode; the evaluator needs {key!r}.')
     valid = tf.shape(inputs.get(RESIZED_IMAGE, images))[1:3]
-    panoptic = predictions[PANOPTIC_PRED][:, :valid[0], :valid[1]]
-    semantic = predictions[SEMANTIC_PRED][:, :valid[0], :valid[1]]
     outputs = {}
     gt_panoptic = inputs.get(PANOPTIC_RAW, inputs.get(PANOPTIC_GT))
     gt_semantic = inputs.get(SEMANTIC_RAW, inputs.get(SEMANTIC_GT))
@@ -221,17 +231,27 @@ class KMaXEvaluator(orbit.StandardEvaluator):
       if PANOPTIC_RAW not in inputs:  # Labels at the crop: drop the padding.
         gt_panoptic = gt_panoptic[:, :valid[0], :valid[1]]
       raw_size = tf.shape(gt_panoptic)[1:3]
-      outputs[PANOPTIC_PRED] = _resize_nearest(panoptic, raw_size)
       outputs[PANOPTIC_GT] = gt_panoptic
       if gt_semantic is not None:
         if SEMANTIC_RAW not in inputs:
           gt_semantic = gt_semantic[:, :valid[0], :valid[1]]
-        outputs[SEMANTIC_PRED] = _resize_nearest(semantic, raw_size)
         outputs[SEMANTIC_GT] = gt_semantic
+    elif SIZE_RAW in inputs:  # Unlabelled: predictions at the image's size.
+      raw_size = tf.cast(inputs[SIZE_RAW][0], tf.int32)
+    else:
+      raw_size = valid
+    for key in (PANOPTIC_PRED, SEMANTIC_PRED, SEMANTIC_SCORES,
+                INSTANCE_SCORES):
+      if key in predictions:
+        outputs[key] = _resize_nearest(
+            predictions[key][:, :valid[0], :valid[1]], raw_size)
+    if IMAGE_NAME in inputs and not self._use_strategy_run:
+      outputs[IMAGE_NAME] = inputs[IMAGE_NAME]
     if self._num_vis_samples > 0:
       outputs[_VIS_IMAGE] = tf.cast(
           tf.clip_by_value(images[:, :valid[0], :valid[1]], 0, 255), tf.uint8)
-      outputs[_VIS_PANOPTIC] = panoptic
+      outputs[_VIS_PANOPTIC] = predictions[PANOPTIC_PRED][
+          :, :valid[0], :valid[1]]
     return outputs
 
   def _accumulate(self, outputs: Dict[str, np.ndarray]) -> None:

@@ -164,6 +164,32 @@ def aligned_steps_per_loop(steps_per_loop: int,
   return steps
 
 
+def evaluation_hooks(evaluator_options, dataset_info, model_dir: str,
+                     is_chief: bool = True) -> List[Any]:
+  """Instance AP for datasets with things; raw prediction files on request.
+
+  Predictions go to `evaluator_options.override_save_dir` or
+  `<model_dir>/vis`, under `raw_predictions/` (see
+  `evaluation.prediction_writer`).
+  """
+  from deeplab_kmax.evaluation import instance_ap  # pylint: disable=g-import-not-at-top
+  from deeplab_kmax.evaluation import prediction_writer  # pylint: disable=g-import-not-at-top
+  hooks = []
+  if dataset_info.thing_class_ids:
+    hooks.append(instance_ap.InstanceAveragePrecision(
+        dataset_info.thing_class_ids, dataset_info.panoptic_label_divisor,
+        class_names=dataset_info.class_names,
+        detailed=evaluator_options.detailed_ap_metrics))
+  if evaluator_options.save_raw_predictions and is_chief:
+    save_dir = (evaluator_options.override_save_dir or
+                os.path.join(model_dir, 'vis'))
+    hooks.append(prediction_writer.RawPredictionWriter(
+        os.path.join(save_dir, 'raw_predictions'), dataset_info,
+        raw_panoptic_format=evaluator_options.raw_panoptic_format,
+        convert_to_eval_ids=evaluator_options.convert_raw_to_eval_ids))
+  return hooks
+
+
 def _train_image_summary_fn(model, builders: Builders, dataset_options,
                             dataset_info, strategy):
   """Writes predicted panoptic overlays of a few training crops."""
@@ -278,6 +304,8 @@ def run_experiment(mode: str,
                            if config.evaluator_options.save_predictions
                            else 0),
           write_files=is_chief,
+          extra_metrics=evaluation_hooks(config.evaluator_options, eval_info,
+                                         model_dir, is_chief),
           use_tf_function=config.evaluator_options.use_tf_function)
 
   checkpoint_class = (tf.train.Checkpoint if training else

@@ -39,8 +39,12 @@ class TinySegmenter(tf_keras.Model):
     if training:
       return {'semantic_logits': logits}
     semantic = tf.argmax(logits, -1, output_type=tf.int32)
+    # All pixels of the thing class form instance 1.
+    instance = tf.cast(tf.equal(semantic, 1), tf.int32)
+    confidence = tf.reduce_max(tf.nn.softmax(logits), -1)
     return {'semantic_logits': logits, 'semantic_pred': semantic,
-            'panoptic_pred': semantic * LABEL_DIVISOR}
+            'panoptic_pred': semantic * LABEL_DIVISOR + instance,
+            'semantic_scores': confidence, 'instance_scores': confidence}
 
   @property
   def checkpoint_items(self) -> Dict[str, tf.Module]:

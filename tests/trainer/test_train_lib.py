@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 
@@ -99,11 +100,16 @@ def test_train_resume_and_evaluate(tmp_path, reference_dir):
       'backbone_optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE') == 9
 
   for key in ('evaluation/pq/PQ', 'evaluation/pq/PQ_thing',
-              'evaluation/pq/PQ_stuff', 'evaluation/iou/mIoU'):
+              'evaluation/pq/PQ_stuff', 'evaluation/iou/mIoU',
+              'evaluation/ap/AP', 'evaluation/ap/AP50',
+              'evaluation/ap/AP75'):
     assert 0.0 <= result[key] <= 1.0, key
   with open(os.path.join(model_dir, 'eval_metrics.json')) as f:
     report = json.load(f)
   assert report['step'] == 9 and report['num_examples'] == 3
+  assert set(report['ap']['AP_per_class']) == {'blob'}
+  assert report['metrics']['evaluation/ap/AP'] == pytest.approx(
+      result['evaluation/ap/AP'])
   assert report['metrics']['evaluation/pq/PQ'] == pytest.approx(
       result['evaluation/pq/PQ'])
   assert os.path.exists(os.path.join(model_dir, 'eval', 'metrics_00000009.json'))
@@ -117,12 +123,52 @@ def test_train_resume_and_evaluate(tmp_path, reference_dir):
   assert again['evaluation/pq/PQ'] == pytest.approx(result['evaluation/pq/PQ'])
   assert again['evaluation/iou/mIoU'] == pytest.approx(
       result['evaluation/iou/mIoU'])
+  assert again['evaluation/ap/AP'] == pytest.approx(result['evaluation/ap/AP'])
   # continuous_eval evaluates the newest checkpoint and stops after the
   # final training step's checkpoint.
   continuous = train_lib.run_experiment('continuous_eval', longer, model_dir,
                                         strategy=_one_device(),
                                         builders=standins.builders())
   assert continuous['evaluation/pq/PQ'] == pytest.approx(
+      result['evaluation/pq/PQ'])
+
+
+def test_eval_saves_coco_panoptic_predictions_that_rescore_the_same(
+    tmp_path, reference_dir):
+  model_dir = str(tmp_path / 'run')
+  config = standins.experiment_config(reference_dir, total_steps=3)
+  config = config_lib.override(config, {
+      'evaluator_options.save_raw_predictions': True,
+      'evaluator_options.raw_panoptic_format': 'coco_panoptic',
+      'evaluator_options.detailed_ap_metrics': True})
+  result = train_lib.run_experiment('train_and_eval', config, model_dir,
+                                    strategy=_one_device(),
+                                    builders=standins.builders())
+  assert result['evaluation/raw_predictions/num_images'] == 3
+  assert 0.0 <= result['evaluation/ap/AR100'] <= 1.0  # Detailed AP metrics.
+  out = os.path.join(model_dir, 'vis', 'raw_predictions')
+  with open(os.path.join(out, 'predictions.json')) as f:
+    annotations = json.load(f)['annotations']
+  assert len(annotations) == 3
+  # Re-score from the files alone, as an official tool would.
+  from deeplab_kmax import evaluation  # pylint: disable=g-import-not-at-top
+  info = standins.dataset_info()
+  quality = evaluation.PanopticQuality(
+      info.num_classes, info.ignore_label, info.panoptic_label_divisor,
+      thing_class_ids=info.thing_class_ids)
+  crop = int(config.eval_dataset_options.crop_size[0])
+  for annotation, example in zip(annotations, standins.eval_examples(crop)):
+    rgb = np.asarray(Image.open(os.path.join(
+        out, 'panoptic', annotation['file_name']))).astype(np.int64)
+    segment_ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    panoptic = np.zeros_like(segment_ids)  # Void where no segment.
+    for segment in annotation['segments_info']:
+      category = segment['category_id']
+      instance = segment['id'] if category in info.thing_class_ids else 0
+      panoptic[segment_ids == segment['id']] = (
+          category * info.panoptic_label_divisor + instance)
+    quality.update(example['panoptic_raw'][0], panoptic)
+  assert quality.result().to_flat_dict()['PQ'] == pytest.approx(
       result['evaluation/pq/PQ'])
 
 
