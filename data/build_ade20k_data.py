@@ -17,33 +17,23 @@ import os
 import sys
 
 from absl import app
-from absl import flags
 
 if __package__ in (None, ''):  # Run as a script from a checkout.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deeplab_kmax.data import converter_flags
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import panoptic_conversion
 
-_ROOT = flags.DEFINE_string('ade20k_root', None, 'ADE20K dataset root folder.')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None,
-                                  'Where to write the TFRecord shards.')
-_NUM_SHARDS = flags.DEFINE_integer('num_shards', 1000, 'Shards per split.')
-_SPLITS = flags.DEFINE_list('splits', None,
-                            'Splits to convert; default: those present.')
-_NUM_WORKERS = flags.DEFINE_integer(
-    'num_workers', min(8, os.cpu_count() or 1),
-    'Processes decoding images and building labels.')
-_TREAT_CROWD_AS_IGNORE = flags.DEFINE_boolean(
-    'treat_crowd_as_ignore', True,
-    'Label crowd thing segments as void (DeepLab2 default).')
+_FLAGS = converter_flags.define_converter_flags(
+    'ade20k_root', 'ADE20K dataset root folder.', num_shards=1000)
 
 
 def main(argv):
   del argv
-  root = _ROOT.value
+  root = _FLAGS.root.value
   folders = panoptic_conversion.ADE20K_SPLIT_FOLDERS
-  splits = _SPLITS.value or [
+  splits = _FLAGS.splits.value or [
       s for s in folders
       if os.path.isdir(os.path.join(root, 'images', folders[s]))]
   if not splits:
@@ -51,16 +41,16 @@ def main(argv):
                          f'{root}.')
   spec = panoptic_conversion.ade20k_label_spec(
       dataset_info_lib.ADE20K_PANOPTIC,
-      treat_crowd_as_ignore=_TREAT_CROWD_AS_IGNORE.value)
+      treat_crowd_as_ignore=_FLAGS.treat_crowd_as_ignore.value)
   for split in splits:
     tasks = panoptic_conversion.ade20k_tasks(root, split)
     shards = panoptic_conversion.write_split(
-        tasks, spec, _OUTPUT_DIR.value, split, _NUM_SHARDS.value,
-        _NUM_WORKERS.value)
+        tasks, spec, _FLAGS.output_dir.value, split, _FLAGS.num_shards.value,
+        _FLAGS.num_workers.value)
     print(f'{split}: {len(tasks)} images, {len(shards)} shards in '
-          f'{_OUTPUT_DIR.value}')
+          f'{_FLAGS.output_dir.value}')
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['output_dir', 'ade20k_root'])
+  converter_flags.mark_required(_FLAGS)
   app.run(main)

@@ -29,22 +29,12 @@ from absl import logging
 if __package__ in (None, ''):  # Run as a script from a checkout.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deeplab_kmax.data import converter_flags
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import panoptic_conversion
 
-_COCO_ROOT = flags.DEFINE_string('coco_root', None, 'COCO dataset root folder.')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None,
-                                  'Where to write the TFRecord shards.')
-_NUM_SHARDS = flags.DEFINE_integer('num_shards', 1000, 'Shards per split.')
-_SPLITS = flags.DEFINE_list(
-    'splits', None, 'Splits to convert (train, val, test). Default: every '
-    'split whose image folder exists.')
-_NUM_WORKERS = flags.DEFINE_integer(
-    'num_workers', min(8, os.cpu_count() or 1),
-    'Processes decoding images and building labels.')
-_TREAT_CROWD_AS_IGNORE = flags.DEFINE_boolean(
-    'treat_crowd_as_ignore', True,
-    'Label crowd thing segments as void (DeepLab2 default).')
+_FLAGS = converter_flags.define_converter_flags(
+    'coco_root', 'COCO dataset root folder.', num_shards=1000)
 _DESCRIPTOR = flags.DEFINE_string(
     'dataset_descriptor', None,
     'Descriptor (JSON or textproto) of a custom dataset; default: COCO.')
@@ -78,19 +68,20 @@ def _descriptor(coco_root, splits) -> dataset_info_lib.DatasetInfo:
 
 def main(argv):
   del argv
-  coco_root = _COCO_ROOT.value
-  splits = _SPLITS.value or panoptic_conversion.existing_coco_splits(coco_root)
+  coco_root = _FLAGS.root.value
+  splits = (_FLAGS.splits.value or
+            panoptic_conversion.existing_coco_splits(coco_root))
   if not splits:
     raise app.UsageError(f'No split folder (train2017, val2017, test2017) '
                          f'under {coco_root}.')
   written = panoptic_conversion.convert_coco_panoptic(
-      coco_root, _OUTPUT_DIR.value, splits, _NUM_SHARDS.value,
-      _descriptor(coco_root, splits), num_workers=_NUM_WORKERS.value,
-      treat_crowd_as_ignore=_TREAT_CROWD_AS_IGNORE.value)
+      coco_root, _FLAGS.output_dir.value, splits, _FLAGS.num_shards.value,
+      _descriptor(coco_root, splits), num_workers=_FLAGS.num_workers.value,
+      treat_crowd_as_ignore=_FLAGS.treat_crowd_as_ignore.value)
   for split, shards in written.items():
-    print(f'{split}: {len(shards)} shards in {_OUTPUT_DIR.value}')
+    print(f'{split}: {len(shards)} shards in {_FLAGS.output_dir.value}')
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['output_dir', 'coco_root'])
+  converter_flags.mark_required(_FLAGS)
   app.run(main)

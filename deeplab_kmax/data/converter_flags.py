@@ -1,0 +1,46 @@
+"""Command-line flags shared by the dataset converters (data/build_*_data.py).
+
+Every converter takes the dataset root (named after the dataset), where to
+write, how many shards, which splits, how many worker processes and what to
+do with crowd segments; only the defaults differ.
+"""
+
+import dataclasses
+import os
+
+from absl import flags
+
+
+@dataclasses.dataclass(frozen=True)
+class ConverterFlags:
+  root: flags.FlagHolder
+  output_dir: flags.FlagHolder
+  num_shards: flags.FlagHolder
+  splits: flags.FlagHolder
+  num_workers: flags.FlagHolder
+  treat_crowd_as_ignore: flags.FlagHolder
+
+
+def define_converter_flags(root_flag: str, root_help: str,
+                           num_shards: int) -> ConverterFlags:
+  """Defines the common flags; `root_flag` is e.g. 'coco_root'."""
+  return ConverterFlags(
+      root=flags.DEFINE_string(root_flag, None, root_help),
+      output_dir=flags.DEFINE_string('output_dir', None,
+                                     'Where to write the TFRecord shards.'),
+      num_shards=flags.DEFINE_integer('num_shards', num_shards,
+                                      'Shards per split.'),
+      splits=flags.DEFINE_list(
+          'splits', None, 'Splits to convert. Default: every split whose '
+          'image folder exists.'),
+      num_workers=flags.DEFINE_integer(
+          'num_workers', min(8, os.cpu_count() or 1),
+          'Processes decoding images and building labels.'),
+      treat_crowd_as_ignore=flags.DEFINE_boolean(
+          'treat_crowd_as_ignore', True,
+          'Label crowd thing segments as void (DeepLab2 default).'),
+  )
+
+
+def mark_required(common: ConverterFlags) -> None:
+  flags.mark_flags_as_required([common.root.name, common.output_dir.name])
