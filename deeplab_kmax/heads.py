@@ -178,7 +178,7 @@ class SemanticDecoder(tf_keras.layers.Layer):
     for index, key in enumerate(self._low_level_keys):
       low = getattr(self, f'_low_level_conv{index + 1}')(
           self._low_level_feature(features, key), training=training)
-      x = aspp_lib.resize_align_corners(x, tf.shape(low)[1:3])
+      x = aspp_lib.bilinear_align_corners(x, tf.shape(low)[1:3])
       x = tf.concat([x, low], axis=3)
       x = getattr(self, f'_fusion_conv{index + 1}')(x, training=training)
     return x
