@@ -27,7 +27,7 @@ echo "== 3/5 train_and_eval -> $OUT/model"
 python3 trainer/train.py --config_file="$CONFIG" --mode=train_and_eval \
   --model_dir="$OUT/model"
 
-echo "== 4/5 panoptic quality on the demo validation split"
+echo "== 4/5 panoptic quality (and instance AP) on the demo validation split"
 python3 - "$OUT/model/kmax_demo/eval_metrics.json" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
@@ -37,7 +37,8 @@ print(f"step {report['step']}, {report['num_examples']} images: "
       f"RQ {100 * m['evaluation/pq/RQ']:.1f}  "
       f"PQ_thing {100 * m['evaluation/pq/PQ_thing']:.1f}  "
       f"PQ_stuff {100 * m['evaluation/pq/PQ_stuff']:.1f}  "
-      f"mIoU {100 * m['evaluation/iou/mIoU']:.1f}")
+      f"mIoU {100 * m['evaluation/iou/mIoU']:.1f}  "
+      f"AP {100 * m.get('evaluation/ap/AP', 0.0):.1f}")
 PY
 
 echo "== 5/5 SavedModel export and rendered predictions"
