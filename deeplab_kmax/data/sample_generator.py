@@ -18,8 +18,8 @@ as in DeepLab2):
   instance_regression_gt    Panoptic-DeepLab centre / offset targets; only
                             with center_targets=True (samples then match
                             DeepLab2's key for key). kMaX's losses do not read
-                            them, and they cost about half of a CPU
-                            pipeline's per-image time.
+                            them, and they take ~40% of the per-image CPU
+                            time (demo data: 2.2 vs 1.3 ms an image).
 
 Evaluation samples also carry resized_image, image_name, size_raw and the
 labels at the original size (semantic_raw, panoptic_raw, is_crowd_raw).
