@@ -382,12 +382,8 @@ def _predictor_from_flags(values) -> Predictor:
   if not values.checkpoint_path:
     raise app.UsageError('--config_file needs --checkpoint_path.')
   from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config(values.config_file)
-  config = config_lib.expand_environment_variables(
-      config, 'eval', strict=False)
-  if values.config_override:
-    config = config_lib.override(
-        config, config_lib.parse_override_flags(values.config_override))
+  config = config_lib.load_for_inference(values.config_file,
+                                         values.config_override or ())
   return checkpoint_predictor(config, values.checkpoint_path)
 
 

@@ -61,12 +61,8 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   start = time.time()
-  config = config_lib.load_config(_CONFIG_FILE.value)
-  config = config_lib.expand_environment_variables(
-      config, 'eval', strict=False)
-  if _CONFIG_OVERRIDE.value:
-    config = config_lib.override(
-        config, config_lib.parse_override_flags(_CONFIG_OVERRIDE.value))
+  config = config_lib.load_for_inference(_CONFIG_FILE.value,
+                                         _CONFIG_OVERRIDE.value or ())
   output_path = _OUTPUT_PATH.value
   if tf.io.gfile.exists(output_path) and not _OVERWRITE.value:
     # Checked before the (slow) model build.

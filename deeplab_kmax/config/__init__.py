@@ -19,6 +19,7 @@ from deeplab_kmax.config.environment import expand_environment_variables
 from deeplab_kmax.config.loader import ConfigError
 from deeplab_kmax.config.loader import load_config
 from deeplab_kmax.config.loader import parse_config
+from deeplab_kmax.config.overrides import load_for_inference
 from deeplab_kmax.config.overrides import override
 from deeplab_kmax.config.overrides import override_from_text
 from deeplab_kmax.config.overrides import parse_override_flags
@@ -37,6 +38,7 @@ __all__ = [
     'expand_environment_variables',
     'find_problems',
     'load_config',
+    'load_for_inference',
     'model_pb2',
     'override',
     'override_from_text',

@@ -23,6 +23,7 @@ from google.protobuf import descriptor as descriptor_lib
 from google.protobuf import message as message_lib
 
 from deeplab_kmax.config import config_pb2
+from deeplab_kmax.config import environment
 from deeplab_kmax.config import loader
 
 _FieldDescriptor = descriptor_lib.FieldDescriptor
@@ -58,6 +59,17 @@ def override_from_text(config: config_pb2.ExperimentOptions, text: str,
   result.CopyFrom(config)
   _replace_set_fields(result, patch)
   return result
+
+
+def load_for_inference(path: str, override_flags: Iterable[str] = ()
+                       ) -> config_pb2.ExperimentOptions:
+  """The config as export and prediction read it: `${VAR}`s expanded leniently
+  (only the paths inference reads must be set), then --config_override's."""
+  config = environment.expand_environment_variables(
+      loader.load_config(path), 'eval', strict=False)
+  if override_flags:
+    config = override(config, parse_override_flags(override_flags))
+  return config
 
 
 def parse_override_flags(flags: Iterable[str]) -> dict:
