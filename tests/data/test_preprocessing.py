@@ -65,7 +65,8 @@ def test_eval_resizes_then_pads_bottom_right():
       tf.constant(image), tf.constant(label), crop_size=(129, 129),
       is_training=False, label_pad_value=_VOID, min_resize_value=[129],
       max_resize_value=[129])
-  np.testing.assert_array_equal(again[1].numpy(), out)
+  # Deterministic: a second run agrees to float32 rounding (pixels <= 255).
+  np.testing.assert_allclose(again[1].numpy(), out, rtol=1e-6, atol=1e-6 * 255)
 
 
 def test_eval_rejects_max_resize_beyond_crop():

@@ -186,7 +186,10 @@ def test_drop_path_only_in_training():
   _randomise(layer)
   eval1, _ = layer(pixels, centers, training=False)
   eval2, _ = layer(pixels, centers, training=False)
-  np.testing.assert_array_equal(eval1, eval2)
+  # Deterministic up to float32 rounding (1e-6 of absmax); drop-path in
+  # training moves the centres by O(absmax).
+  rounding = 1e-6 * np.abs(eval1.numpy()).max()
+  np.testing.assert_allclose(eval2, eval1, rtol=0, atol=rounding)
   train1, _ = layer(pixels, centers, training=True)
   train2, _ = layer(pixels, centers, training=True)
   assert np.abs(train1.numpy() - train2.numpy()).max() > 1e-4
@@ -197,7 +200,8 @@ def test_drop_path_only_in_training():
   _randomise(keep_all)
   first, _ = keep_all(pixels, centers, training=True)
   second, _ = keep_all(pixels, centers, training=True)
-  np.testing.assert_array_equal(first, second)
+  np.testing.assert_allclose(second, first, rtol=0,
+                             atol=1e-6 * np.abs(first.numpy()).max())
 
 
 def test_dynamic_batch_and_spatial_size(block):

@@ -30,6 +30,9 @@ def test_resize_matches_align_corners_bilinear(channels):
   got = resized_fuse.resize_align_corners(x, [9, 17]).numpy()
   np.testing.assert_allclose(got, naive_resize(x, (9, 17)), atol=1e-5)
   joint = tf.compat.v1.image.resize_bilinear(x, [9, 17], align_corners=True)
+  # Bit-equality is the point (the same op sequence as DeepLab2). It holds on
+  # any CPU: the same kernel on the same input, computed per output pixel
+  # with no reduction whose order could vary.
   if channels > 32:  # one joint pass, as DeepLab2
     np.testing.assert_array_equal(got, joint.numpy())
   else:  # height pass then width pass, as DeepLab2

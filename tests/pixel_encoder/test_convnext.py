@@ -148,9 +148,16 @@ def test_checkpoint_restores_into_fresh_encoder(filled_tiny, tmp_path):
   fresh = convnext.build_convnext('tiny')
   status = tf.train.Checkpoint(encoder=fresh).read(path)
   status.assert_consumed()
+  # Restoring copies bytes: exact.
+  for restored, saved in zip(fresh.variables, encoder.variables):
+    np.testing.assert_array_equal(restored.numpy(), saved.numpy(),
+                                  err_msg=saved.name)
   images = reference.reference_input(3, 33, 33) / 127.5 - 1.0
-  np.testing.assert_array_equal(fresh(images)['stage5'],
-                                encoder(images)['stage5'])
+  expected = encoder(images)['stage5'].numpy()
+  # Same weights, same input: equal up to float32 rounding of the kernels
+  # (bit-identity across two layer instances is not promised).
+  np.testing.assert_allclose(fresh(images)['stage5'], expected, rtol=0,
+                             atol=1e-6 * np.abs(expected).max())
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +193,7 @@ def test_block_matches_numpy_reference():
   np.testing.assert_allclose(got, expected, rtol=0,
                              atol=1e-5 * np.abs(expected).max())
   # The residual matters: with a zero layer scale the block is the identity.
+  # x + 0 * (finite y) is exact in IEEE arithmetic on any CPU: exact.
   block.layer_scale.assign(tf.zeros_like(block.layer_scale))
   np.testing.assert_array_equal(block(x).numpy(), x)
 
@@ -254,14 +262,23 @@ def test_drop_path_only_with_training():
   batch = np.repeat(image, 8, axis=0)
 
   inference = encoder(batch, training=False)['stage5'].numpy()
-  np.testing.assert_array_equal(inference, np.repeat(inference[:1], 8, 0))
-  np.testing.assert_array_equal(encoder(batch)['stage5'].numpy(), inference)
+  # Copies of one image need not be bit-identical across batch positions:
+  # kernels may split a batch into differently vectorised chunks (AVX2 vs
+  # AVX-512 gives up to ~1.1e-6 of absmax after 18 blocks). 5e-6 of absmax is
+  # float32 rounding; a dropped residual branch moves outputs by ~3 x absmax.
+  atol = 5e-6 * np.abs(inference).max()
+  np.testing.assert_allclose(inference, np.repeat(inference[:1], 8, 0),
+                             rtol=0, atol=atol)
+  # Calling without `training` means inference.
+  np.testing.assert_allclose(encoder(batch)['stage5'].numpy(), inference,
+                             rtol=0, atol=atol)
 
   tf.random.set_seed(0)
   trained = encoder(batch, training=True)['stage5'].numpy()
-  # Independent per-sample drops: samples of one image now differ.
-  distinct = {trained[i].tobytes() for i in range(8)}
-  assert len(distinct) > 1
+  # Independent per-sample drops: samples of one image now differ by far
+  # more than rounding.
+  spread = np.abs(trained - trained[:1]).reshape(8, -1).max(1)
+  assert (spread > 1e3 * atol).any(), spread
   assert not np.allclose(trained, inference)
 
 
