@@ -22,7 +22,9 @@ default there is no crowd. Passing `gt_is_crowd` gives COCO API semantics for
 data that keeps crowd regions labelled: a ground-truth segment containing
 crowd pixels is neither matched nor missed, and a prediction's overlap with
 crowd of its class counts like void when deciding whether it is a false
-positive (but not in the IoU union).
+positive (but not in the IoU union). `official_panoptic_quality` builds that
+crowd map from the labels and so reproduces the official COCO panoptic
+script (evaluator_options.official_panoptic_quality).
 
 Area limits are not part of the metric; they belong to post-processing.
 """

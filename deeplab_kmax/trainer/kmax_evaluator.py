@@ -23,6 +23,7 @@ import tensorflow as tf
 import tf_keras
 
 from deeplab_kmax import evaluation
+from deeplab_kmax.evaluation import official_panoptic_quality as official_pq
 from deeplab_kmax.trainer import summaries
 
 IMAGE = 'image'
@@ -62,6 +63,14 @@ class ExtraMetric(Protocol):
     ...
 
 
+def _known_length(dataset) -> Optional[int]:
+  """The number of batches of a tf.data.Dataset, when it is known."""
+  if not isinstance(dataset, tf.data.Dataset):
+    return None
+  length = int(dataset.cardinality())
+  return length if length >= 0 else None
+
+
 def _resize_nearest(labels: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
   """[B, h, w] integer maps -> [B, H, W], corners aligned like DeepLab2."""
   resized = tf.compat.v1.image.resize_nearest_neighbor(
@@ -83,7 +92,8 @@ class KMaXEvaluator(orbit.StandardEvaluator):
                num_vis_samples: int = 0,
                write_files: bool = True,
                extra_metrics: Sequence[ExtraMetric] = (),
-               use_tf_function: bool = True):
+               use_tf_function: bool = True,
+               official_panoptic_quality: bool = False):
     """Creates the evaluator.
 
     Args:
@@ -101,10 +111,15 @@ class KMaXEvaluator(orbit.StandardEvaluator):
       write_files: False on non-chief workers.
       extra_metrics: further metric hooks, see `ExtraMetric`.
       use_tf_function: compile the step.
+      official_panoptic_quality: also report PQ as the official COCO
+        panoptic script computes it (`evaluation.official_panoptic_quality`),
+        under `official_` keys.
     """
     self._strategy = strategy or tf.distribute.get_strategy()
     self._use_strategy_run = isinstance(self._strategy,
                                         tf.distribute.TPUStrategy)
+    self._num_eval_images = _known_length(eval_dataset)
+    self._progress_bar = None
     if self._use_strategy_run:
       eval_dataset = self._strategy.experimental_distribute_dataset(
           eval_dataset)
@@ -121,6 +136,11 @@ class KMaXEvaluator(orbit.StandardEvaluator):
     self._panoptic_quality = evaluation.PanopticQuality(
         info.num_classes, info.ignore_label, info.panoptic_label_divisor,
         thing_class_ids=info.thing_class_ids)
+    self._official_panoptic_quality = (
+        evaluation.OfficialPanopticQuality(
+            info.num_classes, info.ignore_label, info.panoptic_label_divisor,
+            thing_class_ids=info.thing_class_ids)
+        if official_panoptic_quality else None)
     self._semantic_iou = evaluation.SemanticIoU(info.num_classes,
                                                 info.ignore_label)
     self._vis_images: List[np.ndarray] = []
@@ -131,12 +151,19 @@ class KMaXEvaluator(orbit.StandardEvaluator):
 
   def eval_begin(self):
     self._panoptic_quality.reset()
+    if self._official_panoptic_quality is not None:
+      self._official_panoptic_quality.reset()
     self._semantic_iou.reset()
     for metric in self._extra_metrics:
       metric.reset()
     self._vis_images = []
     self._num_examples = 0
     self._has_labels = True
+    import tqdm  # pylint: disable=g-import-not-at-top
+    # disable=None: shown on a terminal only, not in log files.
+    self._progress_bar = tqdm.tqdm(
+        total=self._num_eval_images, unit='image', disable=None,
+        desc=f'eval at step {int(self._global_step.numpy())}')
     return {}
 
   def eval_step(self, iterator):
@@ -159,19 +186,25 @@ class KMaXEvaluator(orbit.StandardEvaluator):
       per_replica = [step_outputs]
     for outputs in per_replica:
       self._accumulate({k: np.asarray(v) for k, v in outputs.items()})
+    if self._progress_bar is not None:
+      self._progress_bar.update(len(per_replica))
     return state
 
   def eval_end(self, state=None) -> Dict[str, Any]:
     del state
+    if self._progress_bar is not None:
+      self._progress_bar.close()
+      self._progress_bar = None
     step = int(self._global_step.numpy())
     if self._vis_images:
       tf.summary.image('eval/panoptic_overlay',
                        np.stack(self._pad_to_common(self._vis_images)),
                        step=step, max_outputs=len(self._vis_images))
-    logs, reports = {}, {}
+    logs, reports, extra_scalars = {}, {}, {}
     for metric in self._extra_metrics:
       for key, value in metric.result().items():
         logs[f'evaluation/{metric.name}/{key}'] = value
+        extra_scalars[key] = value
       report = getattr(metric, 'report', None)
       if report is not None:
         reports[metric.name] = report()
@@ -186,10 +219,16 @@ class KMaXEvaluator(orbit.StandardEvaluator):
       logs[f'evaluation/iou/{key}'] = value
     class_names = [self._info.class_names.get(c, str(c))
                    for c in range(self._info.num_classes)]
-    logging.info('Panoptic quality at step %d over %d images:\n%s', step,
-                 self._num_examples, pq.per_class_table(class_names))
-    logging.info('Semantic IoU at step %d:\n%s', step,
-                 iou.per_class_table(class_names))
+    # Per-class tables at DEBUG (--verbosity=1); they are in the JSON file.
+    logging.debug('Panoptic quality at step %d over %d images:\n%s', step,
+                  self._num_examples, pq.per_class_table(class_names))
+    official = self._report_official_panoptic_quality(step, class_names,
+                                                      logs)
+    logging.debug('Semantic IoU at step %d:\n%s', step,
+                  iou.per_class_table(class_names))
+    logging.info('%s', summaries.evaluation_table(
+        pq.to_flat_dict(), iou.to_flat_dict(), extra_scalars, step,
+        self._num_examples))
     if self._write_files and self._model_dir:
       report = {
           'step': step,
@@ -200,6 +239,7 @@ class KMaXEvaluator(orbit.StandardEvaluator):
           'iou_per_class': {
               class_names[c]: float(iou.iou[c])
               for c in np.flatnonzero(iou.union > 0)},
+          **official,
           **reports,
       }
       summaries.write_json_atomically(
@@ -208,6 +248,29 @@ class KMaXEvaluator(orbit.StandardEvaluator):
       summaries.write_json_atomically(
           os.path.join(self._model_dir, 'eval_metrics.json'), report)
     return logs
+
+  def _report_official_panoptic_quality(
+      self, step: int, class_names: Sequence[str],
+      logs: Dict[str, Any]) -> Dict[str, Any]:
+    """Adds the official-script PQ to `logs`; returns its JSON entries."""
+    metric = self._official_panoptic_quality
+    if metric is None:
+      return {}
+    prefix = official_pq.KEY_PREFIX
+    pq = metric.result()
+    for key, value in pq.to_flat_dict().items():
+      logs[f'evaluation/pq/{prefix}{key}'] = value
+    logging.info('Panoptic quality as the official COCO panoptic script '
+                 'computes it, at step %d (%d crowd pixels in the ground '
+                 'truth):\n%s', step, metric.num_crowd_pixels,
+                 pq.per_class_table(class_names))
+    if not metric.num_crowd_pixels:
+      logging.info('No crowd regions (thing pixels with instance 0) in the '
+                   'ground truth: if the records were converted with crowd '
+                   'as void, the official number cannot be recovered and '
+                   'equals the default one.')
+    return {f'{prefix}panoptic_quality_per_class': {
+        class_names[c]: row for c, row in pq.per_class().items()}}
 
   # --- Step and accumulation. --------------------------------------------------
 
@@ -259,6 +322,9 @@ class KMaXEvaluator(orbit.StandardEvaluator):
     if PANOPTIC_GT in outputs:
       self._panoptic_quality.update(outputs[PANOPTIC_GT][0],
                                     outputs[PANOPTIC_PRED][0])
+      if self._official_panoptic_quality is not None:
+        self._official_panoptic_quality.update(outputs[PANOPTIC_GT][0],
+                                               outputs[PANOPTIC_PRED][0])
       if SEMANTIC_GT in outputs:
         self._semantic_iou.update(outputs[SEMANTIC_GT][0],
                                   outputs[SEMANTIC_PRED][0])
