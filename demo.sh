@@ -19,9 +19,8 @@ echo "== 1/5 install"
 python3 -m pip install -q -e .
 
 echo "== 2/5 demo dataset -> $DEMO_DIR"
-if [ ! -f "$DEMO_DIR/demo_shapes.json" ]; then
-  python3 data/build_demo_data.py --output_dir="$DEMO_DIR"
-fi
+# Reuses a complete earlier build; an interrupted one is built again.
+python3 data/build_demo_data.py --output_dir="$DEMO_DIR" --reuse_existing
 
 echo "== 3/5 train_and_eval -> $OUT/model"
 python3 trainer/train.py --config_file="$CONFIG" --mode=train_and_eval \

@@ -22,6 +22,7 @@ from absl import app
 if __package__ in (None, ''):  # Run as a script from a checkout.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deeplab_kmax import cli_errors  # pylint: disable=g-import-not-at-top
 from deeplab_kmax.data import converter_flags
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import panoptic_conversion
@@ -41,15 +42,16 @@ def main(argv):
   spec = panoptic_conversion.LabelSpec.from_dataset_info(
       dataset_info_lib.CITYSCAPES_PANOPTIC,
       treat_crowd_as_ignore=_FLAGS.treat_crowd_as_ignore.value)
-  for split in splits:
-    tasks = panoptic_conversion.cityscapes_tasks(root, split)
-    shards = panoptic_conversion.write_split(
-        tasks, spec, _FLAGS.output_dir.value, split, _FLAGS.num_shards.value,
-        _FLAGS.num_workers.value)
-    print(f'{split}: {len(tasks)} images, {len(shards)} shards in '
+  tasks = {split: panoptic_conversion.cityscapes_tasks(root, split)
+           for split in splits}
+  written = panoptic_conversion.write_splits(
+      tasks, spec, _FLAGS.output_dir.value, _FLAGS.num_shards.value,
+      _FLAGS.num_workers.value)
+  for split, shards in written.items():
+    print(f'{split}: {len(tasks[split])} images, {len(shards)} shards in '
           f'{_FLAGS.output_dir.value}')
 
 
 if __name__ == '__main__':
   converter_flags.mark_required(_FLAGS)
-  app.run(main)
+  cli_errors.run(main, expected=(panoptic_conversion.ConversionError,))

@@ -29,6 +29,7 @@ from absl import logging
 if __package__ in (None, ''):  # Run as a script from a checkout.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deeplab_kmax import cli_errors  # pylint: disable=g-import-not-at-top
 from deeplab_kmax.data import converter_flags
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import panoptic_conversion
@@ -62,7 +63,10 @@ def _descriptor(coco_root, splits) -> dataset_info_lib.DatasetInfo:
     logging.info('Wrote dataset descriptor %s', _WRITE_DESCRIPTOR.value)
     return info
   if _DESCRIPTOR.value:
-    return dataset_info_lib.load(_DESCRIPTOR.value)
+    try:
+      return dataset_info_lib.load(_DESCRIPTOR.value)
+    except ValueError as e:  # The message names the descriptor and field.
+      raise panoptic_conversion.ConversionError(str(e)) from e
   return dataset_info_lib.COCO_PANOPTIC
 
 
@@ -84,4 +88,4 @@ def main(argv):
 
 if __name__ == '__main__':
   converter_flags.mark_required(_FLAGS)
-  app.run(main)
+  cli_errors.run(main, expected=(panoptic_conversion.ConversionError,))

@@ -10,19 +10,23 @@ writes the dataset descriptor. Deterministic given --seed. Output:
   demo_output/data/tfrecord/{train,val}-*.tfrecord,
   demo_output/data/demo_shapes.json (dataset descriptor),
   demo_output/data/coco/... (the COCO-format source files)
+
+The descriptor is written last: with --reuse_existing a complete earlier
+build (descriptor and full shard sets) is kept, an interrupted one redone.
 """
 
 import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 if __package__ in (None, ''):  # Run as a script from a checkout.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deeplab_kmax import cli_errors  # pylint: disable=g-import-not-at-top
 from deeplab_kmax.data import demo_dataset  # pylint: disable=g-import-not-at-top
+from deeplab_kmax.data import panoptic_conversion  # pylint: disable=g-import-not-at-top
 
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', 'demo_output/data',
                                   'Where to write the dataset.')
@@ -34,10 +38,16 @@ _WIDTH = flags.DEFINE_integer('width', 128, 'Image width.')
 _NUM_SHARDS = flags.DEFINE_integer('num_shards', 4, 'Shards per split.')
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', 1,
                                     'Conversion worker processes.')
+_REUSE_EXISTING = flags.DEFINE_boolean(
+    'reuse_existing', False,
+    'Keep a complete earlier build in --output_dir instead of rebuilding.')
 
 
 def main(argv):
   del argv
+  if _REUSE_EXISTING.value and demo_dataset.is_complete(_OUTPUT_DIR.value):
+    print(f'Demo dataset already complete in {_OUTPUT_DIR.value}; kept.')
+    return
   start = time.time()
   paths = demo_dataset.build(
       _OUTPUT_DIR.value, num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value,
@@ -50,4 +60,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli_errors.run(main, expected=(panoptic_conversion.ConversionError,))

@@ -22,10 +22,23 @@ For every readable image `<stem>.<ext>` the output directory gets
 and `predictions.json` collects all segments in the COCO panoptic results
 layout (`annotations` with `file_name` and `segments_info`, `categories`).
 
-Images are read with Pillow: EXIF orientation is applied; grayscale, palette
-and CMYK images are converted to RGB; an alpha channel is dropped; 16-bit
-grayscale is scaled to 8 bits. Files that cannot be read (or predicted) are
-skipped with a warning, and the command then exits with status 1.
+Images are decoded exactly as the SavedModel's serving_encoded signature
+decodes them (`serving.decode_image_file`: pixels as stored, EXIF orientation
+not applied, 16-bit -> high byte, alpha dropped), so a file gives the same
+prediction both ways. Formats TensorFlow cannot decode (TIFF, ...) are read
+with Pillow under the same rules. Files that cannot be read (or predicted)
+are skipped with a warning, and the command then exits with status 1; a bad
+config, model or flag stops it with a one-line error (status 1, the
+traceback only with --verbose).
+
+Every file is written under a temporary name and renamed into place.
+`predictions.json` is removed when a run starts and written when it ends,
+listing exactly the images of that run whose files were all written; an
+image's `_segments.json` is written after its PNG, overlay and raw file. So
+after a run killed at any point, a folder without `predictions.json` is an
+unfinished run, and an image whose `_segments.json` exists has all its files
+from the same run. Temporaries of killed runs are removed by the next run
+(see `temp_files`).
 
 A segment's score is the class confidence of the mask that produced it
 (for stuff merged from several masks, the pixel-weighted mean).
@@ -33,6 +46,7 @@ A segment's score is the class confidence of the mask that produced it
 
 import dataclasses
 import glob
+import io
 import json
 import os
 import sys
@@ -43,9 +57,10 @@ from absl import flags
 from absl import logging
 import numpy as np
 from PIL import Image
-from PIL import ImageOps
 from PIL import UnidentifiedImageError
 
+from deeplab_kmax import cli_errors
+from deeplab_kmax import temp_files
 from deeplab_kmax import visualization
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.export import serving
@@ -94,28 +109,48 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
 def load_image(path: str) -> np.ndarray:
   """Reads an image file as uint8 RGB [H, W, 3] (see module docstring)."""
   try:
-    with Image.open(path) as opened:
-      opened.load()
-      picture = ImageOps.exif_transpose(opened)
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
     raise ImageReadError(f'{path}: not a readable image ({e}).') from None
-  if picture.width == 0 or picture.height == 0:
-    raise ImageReadError(f'{path}: the image is empty.')
-  mode = picture.mode
-  if mode.startswith('I'):  # 16/32-bit integer grayscale.
-    values = np.asarray(picture).astype(np.float64)
-    if values.max(initial=0) > 255:
-      values = values * (255.0 / 65535.0)
-    return as_rgb_uint8(np.clip(np.round(values), 0, 255).astype(np.uint8))
-  if mode == 'F':
-    raise ImageReadError(f'{path}: 32-bit float images are not supported; '
-                         'save it as an 8-bit image.')
-  if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-    picture = picture.convert('RGBA')
-    return np.asarray(picture)[..., :3].copy()
-  if mode != 'RGB':
-    picture = picture.convert('RGB')
-  return as_rgb_uint8(np.asarray(picture))
+  if serving.is_decodable_file(data[:12]):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    try:
+      return as_rgb_uint8(serving.decode_image_file(tf.constant(data)).numpy())
+    except (tf.errors.OpError, ValueError) as e:
+      reason = getattr(e, 'message', str(e)).strip().splitlines()[0]
+      raise ImageReadError(f'{path}: not a readable image ({reason}).'
+                           ) from None
+  return _load_with_pillow(path, data)
+
+
+# Pillow modes of 16-bit grayscale.
+_PILLOW_16_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')
+
+
+def _load_with_pillow(path: str, data: bytes) -> np.ndarray:
+  """Formats TensorFlow cannot decode, under `decode_image_file`'s rules."""
+  try:
+    with Image.open(io.BytesIO(data)) as picture:
+      picture.load()
+      mode = picture.mode
+      if mode in _PILLOW_16_BIT:
+        high_byte = np.asarray(picture).astype(np.uint16) >> 8
+        return as_rgb_uint8(high_byte.astype(np.uint8))
+      if mode in ('I', 'F'):
+        raise ImageReadError(
+            f'{path}: 32-bit images ({mode}) are not supported; save it with '
+            '8 or 16 bits per channel.')
+      if picture.width == 0 or picture.height == 0:
+        raise ImageReadError(f'{path}: the image is empty.')
+      # Alpha dropped, not composited; palette, CMYK, 1-bit -> RGB.
+      rgba = picture.convert('RGBA') if 'A' in mode or 'a' in mode or (
+          'transparency' in picture.info) else picture.convert('RGB')
+      return as_rgb_uint8(np.asarray(rgba)[..., :3])
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    if isinstance(e, ImageReadError):
+      raise
+    raise ImageReadError(f'{path}: not a readable image ({e}).') from None
 
 
 def encode_segment_ids(segment_ids: np.ndarray) -> np.ndarray:
@@ -234,6 +269,14 @@ def onnx_predictor(path: str) -> Predictor:
                    f'ONNX {path}')
 
 
+def tflite_predictor(path: str) -> Predictor:
+  """Runs a TFLite export (network and merge) with the NumPy resize, pad
+  and undo around it."""
+  from deeplab_kmax.export import tflite_export  # pylint: disable=g-import-not-at-top
+  runner = tflite_export.TFLitePanopticPredictor(path)
+  return Predictor(runner, runner.info, f'TFLite {path}')
+
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff',
                   '.webp')
 
@@ -270,18 +313,54 @@ def _unique_stems(files: Sequence[str]) -> Dict[str, str]:
   return stems
 
 
+def output_files(stem: str, save_raw: bool = False) -> List[str]:
+  """The files written for one image, in writing order (segments last)."""
+  suffixes = [PANOPTIC_SUFFIX, OVERLAY_SUFFIX]
+  if save_raw:
+    suffixes.append(RAW_SUFFIX)
+  return [stem + suffix for suffix in suffixes + [SEGMENTS_SUFFIX]]
+
+
+def _write_file(path: str, write: Callable[[Any], None]) -> None:
+  """Writes through a temporary file and a rename (never half a file)."""
+
+  def to_temporary(temporary):
+    with open(temporary, 'wb') as f:
+      write(f)
+
+  temp_files.write_atomically(path, to_temporary)
+
+
+def _save_png(path: str, array: np.ndarray) -> None:
+  _write_file(path, lambda f: Image.fromarray(array).save(f, format='PNG'))
+
+
+def remove_outputs(output_dir: str, stem: str) -> None:
+  """Deletes the files of `stem` (segments first: it marks a complete set)."""
+  for name in reversed(output_files(stem, save_raw=True)):
+    path = os.path.join(output_dir, name)
+    if os.path.lexists(path):
+      os.remove(path)
+
+
 def write_prediction(output_dir: str, stem: str, image: np.ndarray,
                      maps: Mapping[str, np.ndarray],
                      info: dataset_info_lib.DatasetInfo,
                      draw_names: bool = True, alpha: float = 0.6,
                      save_raw: bool = False) -> Dict[str, Any]:
-  """Writes the PNG, JSON and overlay of one image; returns its annotation."""
+  """Writes the PNG, overlay (raw) and JSON of one image; returns its
+  annotation.
+
+  Files of an earlier run for `stem` are removed first and the segments JSON
+  is written last, so it exists only beside a complete set of this run.
+  """
   panoptic = maps[serving.PANOPTIC_PRED]
   segment_map, segments = panoptic_segments(
       panoptic, maps[serving.SEMANTIC_SCORES], info)
+  remove_outputs(output_dir, stem)
   png_name = stem + PANOPTIC_SUFFIX
-  Image.fromarray(encode_segment_ids(segment_map)).save(
-      os.path.join(output_dir, png_name))
+  _save_png(os.path.join(output_dir, png_name),
+            encode_segment_ids(segment_map))
   annotation = {
       'image_id': stem,
       'file_name': png_name,
@@ -290,17 +369,18 @@ def write_prediction(output_dir: str, stem: str, image: np.ndarray,
       'label_divisor': info.panoptic_label_divisor,
       'segments_info': segments,
   }
-  with open(os.path.join(output_dir, stem + SEGMENTS_SUFFIX), 'w') as f:
-    json.dump(annotation, f, indent=1)
   scores = {s['panoptic_id']: s['score'] for s in segments if s['isthing']}
   overlay = visualization.visualize_panoptic(image, panoptic, info, scores,
                                              alpha=alpha,
                                              draw_names=draw_names)
-  Image.fromarray(overlay).save(os.path.join(output_dir,
-                                             stem + OVERLAY_SUFFIX))
+  _save_png(os.path.join(output_dir, stem + OVERLAY_SUFFIX), overlay)
   if save_raw:
-    np.savez_compressed(os.path.join(output_dir, stem + RAW_SUFFIX),
-                        **{k: np.asarray(v) for k, v in maps.items()})
+    _write_file(os.path.join(output_dir, stem + RAW_SUFFIX),
+                lambda f: np.savez_compressed(
+                    f, **{k: np.asarray(v) for k, v in maps.items()}))
+  text = json.dumps(annotation, indent=1).encode('utf-8')
+  _write_file(os.path.join(output_dir, stem + SEGMENTS_SUFFIX),
+              lambda f: f.write(text))
   return annotation
 
 
@@ -320,6 +400,10 @@ def predict_files(predictor: Predictor, files: Sequence[str], output_dir: str,
   """Predicts every file; returns (number written, failed files)."""
   import tqdm  # pylint: disable=g-import-not-at-top
   os.makedirs(output_dir, exist_ok=True)
+  temp_files.remove_stale(output_dir, temp_files.any_sibling_pattern('tmp'))
+  summary = os.path.join(output_dir, PREDICTIONS_FILE)
+  if os.path.lexists(summary):  # It would describe an earlier run.
+    os.remove(summary)
   stems = _unique_stems(files)
   annotations, failed = [], []
   bar = tqdm.tqdm(files, unit='image', desc='kMaX-DeepLab',
@@ -331,17 +415,19 @@ def predict_files(predictor: Predictor, files: Sequence[str], output_dir: str,
       annotations.append(write_prediction(
           output_dir, stems[path], image, maps, predictor.info, draw_names,
           alpha, save_raw))
+      continue
     except ImageReadError as e:
       logging.warning('Skipped %s', e)
-      failed.append(path)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('Skipped %s: prediction failed: %s: %s', path,
                       type(e).__name__, e)
-      failed.append(path)
+    failed.append(path)
+    # Files of an earlier run under this name would look like this run's.
+    remove_outputs(output_dir, stems[path])
   results = {'annotations': annotations, 'categories': categories(
       predictor.info), 'failed': failed, 'model': predictor.description}
-  with open(os.path.join(output_dir, PREDICTIONS_FILE), 'w') as f:
-    json.dump(results, f, indent=1)
+  text = json.dumps(results, indent=1).encode('utf-8')
+  _write_file(summary, lambda f: f.write(text))
   return len(annotations), failed
 
 
@@ -352,13 +438,16 @@ def _define_flags() -> None:
                       'SavedModel directory written by export_model.py.')
   flags.DEFINE_string('onnx_model', None,
                       'ONNX file written by export_model.py --onnx_path.')
+  flags.DEFINE_string('tflite_model', None,
+                      'TFLite file written by export_model.py --tflite_path.')
   flags.DEFINE_string('config_file', None,
                       'Experiment config, with --checkpoint_path, instead of '
                       'an exported model.')
   flags.DEFINE_string('checkpoint_path', None,
                       'Checkpoint (prefix or directory) for --config_file.')
   flags.DEFINE_multi_string('config_override', [],
-                            'FIELD.PATH=VALUE config overrides. Repeatable.')
+                            'FIELD.PATH=VALUE config overrides (or textproto '
+                            'snippets). Repeatable.')
   flags.DEFINE_list('inputs', None, 'Image files or glob patterns '
                     '(comma-separated, quote them in the shell).')
   flags.DEFINE_string('output_dir', None, 'Directory for the results.')
@@ -367,18 +456,22 @@ def _define_flags() -> None:
   flags.DEFINE_bool('save_raw_predictions', False,
                     'Also save every output map as <stem>_raw.npz.')
   flags.mark_flags_as_required(['inputs', 'output_dir'])
+  cli_errors.define_verbose_flag()
 
 
 def _predictor_from_flags(values) -> Predictor:
   sources = [bool(values.saved_model), bool(values.onnx_model),
-             bool(values.config_file)]
+             bool(values.tflite_model), bool(values.config_file)]
   if sum(sources) != 1:
-    raise app.UsageError('Give exactly one of --saved_model, --onnx_model or '
-                         '--config_file (with --checkpoint_path).')
+    raise app.UsageError('Give exactly one of --saved_model, --onnx_model, '
+                         '--tflite_model or --config_file (with '
+                         '--checkpoint_path).')
   if values.saved_model:
     return saved_model_predictor(values.saved_model)
   if values.onnx_model:
     return onnx_predictor(values.onnx_model)
+  if values.tflite_model:
+    return tflite_predictor(values.tflite_model)
   if not values.checkpoint_path:
     raise app.UsageError('--config_file needs --checkpoint_path.')
   from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -408,6 +501,18 @@ def main(argv) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def _expected_errors():
+  """Failures of the whole run the user can fix (bad config or model)."""
+  from deeplab_kmax.config import loader  # pylint: disable=g-import-not-at-top
+  from deeplab_kmax.export import model_loading  # pylint: disable=g-import-not-at-top
+  return (loader.ConfigError, model_loading.IncompleteCheckpointError)
+
+
+def run() -> None:
+  """The `kmax-predict` console script (same as `python -m` this module)."""
   _define_flags()
-  app.run(main)
+  cli_errors.run(main, expected=_expected_errors())
+
+
+if __name__ == '__main__':
+  run()

@@ -1,6 +1,7 @@
 """Tests for the inference CLI (`python -m deeplab_kmax.predict`)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ from PIL import Image
 import pytest
 
 from deeplab_kmax import predict
+from deeplab_kmax import temp_files
 from deeplab_kmax.data import dataset_info
 from deeplab_kmax.export import serving
 from tests.export import helpers
@@ -71,7 +73,8 @@ def test_load_image_converts_to_rgb(tmp_path):
   assert loaded.shape == (5, 7, 3) and loaded.dtype == np.uint8
 
 
-def test_load_image_applies_exif_orientation(tmp_path):
+def test_load_image_keeps_the_stored_orientation(tmp_path):
+  """As serving_encoded does (see tests/export/test_any_image.py)."""
   rgb = np.zeros((4, 6, 3), np.uint8)
   rgb[0, 0] = 255
   picture = Image.fromarray(rgb)
@@ -79,7 +82,7 @@ def test_load_image_applies_exif_orientation(tmp_path):
   exif[0x0112] = 6  # Rotated: displayed 90 degrees clockwise.
   path = tmp_path / 'rotated.png'
   picture.save(path, exif=exif)
-  assert predict.load_image(str(path)).shape == (6, 4, 3)
+  np.testing.assert_array_equal(predict.load_image(str(path)), rgb)
 
 
 def test_unreadable_files_raise_image_read_error(tmp_path):
@@ -181,6 +184,93 @@ def test_predict_files_writes_png_json_overlay_and_reports_failures(tmp_path):
       'x_panoptic.png', 'x_2_panoptic.png']
   assert results['failed'] == failed
   assert {c['id'] for c in results['categories']} >= {1, 92}
+
+
+# Run in a child process: predicts a.png, b.png with the fake predictor and
+# kills itself with SIGKILL halfway through writing b's overlay.
+_KILLED_RUN = """
+import os, signal, sys
+from PIL import Image
+from deeplab_kmax import predict
+from tests import test_predict
+calls = [0]
+original = Image.Image.save
+def save(self, fp, *args, **kwargs):
+  calls[0] += 1
+  if calls[0] == 4:  # a's PNG, a's overlay, b's PNG, b's overlay.
+    if hasattr(fp, 'write'):
+      fp.write(b'half a file'); fp.flush()
+    else:
+      open(fp, 'wb').write(b'half a file')
+    os.kill(os.getpid(), signal.SIGKILL)
+  return original(self, fp, *args, **kwargs)
+Image.Image.save = save
+predict.predict_files(test_predict._fake_predictor(), sys.argv[2:],
+                      sys.argv[1], progress=False)
+"""
+
+
+def _complete_files(out, stem):
+  return all((out / f'{stem}{suffix}').exists() for suffix in (
+      predict.PANOPTIC_SUFFIX, predict.OVERLAY_SUFFIX,
+      predict.SEGMENTS_SUFFIX))
+
+
+def test_kill_during_predict_then_rerun_leaves_a_consistent_folder(
+    tmp_path, monkeypatch):
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  rng = np.random.default_rng(3)
+  for name in ('a', 'b', 'c'):
+    Image.fromarray(rng.integers(0, 256, (12, 16, 3), np.uint8)).save(
+        inputs / f'{name}.png')
+  out = tmp_path / 'out'
+  first = [str(inputs / 'a.png'), str(inputs / 'b.png')]
+  predict.predict_files(_fake_predictor(), first, str(out), progress=False)
+  assert (out / 'predictions.json').exists()
+
+  killed = subprocess.run(
+      [sys.executable, '-c', _KILLED_RUN, str(out)] + first,
+      capture_output=True, text=True, env=helpers.SUBPROCESS_ENV,
+      cwd=helpers.REPO, check=False, timeout=300)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  # No summary of the earlier run survives a run that did not finish, and
+  # b (killed between its files) has no segments file beside a mixed set.
+  assert not (out / 'predictions.json').exists()
+  assert not (out / 'b_segments.json').exists()
+  assert _complete_files(out, 'a')
+  leftovers = [p.name for p in out.iterdir() if p.name.startswith('.')]
+  assert leftovers, 'the killed write should leave its temporary file'
+
+  # A later process reruns into the same folder with other images.
+  (out / '.c_overlay.png.tmp-1-0123abcd').write_bytes(b'being written')
+  future = os.path.getmtime(out / 'a_panoptic.png') + 3600
+  os.utime(out / '.c_overlay.png.tmp-1-0123abcd', (future, future))
+  monkeypatch.setattr(temp_files, 'PROCESS_START', future - 60)
+  second = [str(inputs / 'a.png'), str(inputs / 'c.png')]
+  predict.predict_files(_fake_predictor(), second, str(out), progress=False)
+  results = json.loads((out / 'predictions.json').read_text())
+  assert [a['image_id'] for a in results['annotations']] == ['a', 'c']
+  for stem in ('a', 'c'):
+    assert _complete_files(out, stem)
+  hidden = sorted(p.name for p in out.iterdir() if p.name.startswith('.'))
+  # The killed run's temporary is gone; a newer one (another writer's) stays.
+  assert hidden == ['.c_overlay.png.tmp-1-0123abcd']
+
+
+def test_failed_image_leaves_no_files_of_an_earlier_run(tmp_path):
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(inputs / 'x.png')
+  out = tmp_path / 'out'
+  predict.predict_files(_fake_predictor(), [str(inputs / 'x.png')], str(out),
+                        progress=False)
+  assert _complete_files(out, 'x')
+  (inputs / 'x.png').write_bytes(b'now broken')
+  written, failed = predict.predict_files(
+      _fake_predictor(), [str(inputs / 'x.png')], str(out), progress=False)
+  assert (written, len(failed)) == (0, 1)
+  assert sorted(p.name for p in out.iterdir()) == ['predictions.json']
 
 
 # ---------------------------------------------------------------------------

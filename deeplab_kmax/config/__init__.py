@@ -19,6 +19,7 @@ from deeplab_kmax.config.environment import expand_environment_variables
 from deeplab_kmax.config.loader import ConfigError
 from deeplab_kmax.config.loader import load_config
 from deeplab_kmax.config.loader import parse_config
+from deeplab_kmax.config.overrides import apply_override_flags
 from deeplab_kmax.config.overrides import load_for_inference
 from deeplab_kmax.config.overrides import override
 from deeplab_kmax.config.overrides import override_from_text
@@ -32,6 +33,7 @@ ExperimentOptions = config_pb2.ExperimentOptions
 __all__ = [
     'ConfigError',
     'ExperimentOptions',
+    'apply_override_flags',
     'config_pb2',
     'dataset_pb2',
     'evaluator_pb2',

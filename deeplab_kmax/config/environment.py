@@ -9,6 +9,8 @@ import os
 import re
 from typing import List
 
+from deeplab_kmax.config import loader
+
 _PLACEHOLDER = re.compile(r'\$\{(\w+)\}')
 
 
@@ -65,7 +67,7 @@ def expand_environment_variables(config, mode: str = 'train_and_eval',
   if unset and strict:
     details = ', '.join(f'${{{name}}} in {path}' for name, path in unset)
     names = sorted({name for name, _ in unset})
-    raise ValueError(
+    raise loader.ConfigError(
         f'The config uses environment variables that are not set: {details}. '
         f'Set them (e.g. export {names[0]}=...) or replace the placeholders '
         'in the config.')

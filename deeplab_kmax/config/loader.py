@@ -49,13 +49,68 @@ def parse_config(text: str,
   return experiment
 
 
-def load_config(path: 'os.PathLike[str] | str') -> config_pb2.ExperimentOptions:
-  """Reads and parses the textproto config file at `path`.
+# Shipped configs: in an installed package they are package data under
+# deeplab_kmax/configs; in a source checkout they are the repository's
+# configs/ folder (beside the package).
+CONFIG_SUFFIX = '.textproto'
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_CONFIG_DIRS = (os.path.join(_PACKAGE_DIR, 'configs'),
+                       os.path.join(os.path.dirname(_PACKAGE_DIR), 'configs'))
 
-  Local paths are read directly; paths with a URL scheme (gs://, ...) go
-  through tf.io.gfile so that remote configs work like in DeepLab2.
+
+def shipped_config_names() -> List[str]:
+  """Names of the shipped configs, e.g. 'coco/kmax_meta_r50', sorted."""
+  names = set()
+  for root in SHIPPED_CONFIG_DIRS:
+    if not os.path.isdir(root):
+      continue
+    for folder, _, files in os.walk(root):
+      for name in files:
+        if name.endswith(CONFIG_SUFFIX):
+          relative = os.path.relpath(os.path.join(folder, name), root)
+          names.add(relative[:-len(CONFIG_SUFFIX)].replace(os.sep, '/'))
+  return sorted(names)
+
+
+def resolve_config_path(path: 'os.PathLike[str] | str') -> str:
+  """A config file path, or the name of a shipped config -> a file path.
+
+  An existing file (or a URL) is used as given. Otherwise the name, with or
+  without `.textproto` and an optional leading `configs/`, is looked up
+  among the shipped configs: `coco/kmax_meta_r50` and
+  `configs/demo/kmax_demo.textproto` work from any directory.
+
+  Raises:
+    ConfigError: neither a file nor a shipped config; lists the shipped ones.
   """
   path = os.fspath(path)
+  if '://' in path or os.path.exists(path):
+    return path
+  name = path.replace(os.sep, '/')
+  if name.startswith('configs/'):
+    name = name[len('configs/'):]
+  if not name.endswith(CONFIG_SUFFIX):
+    name += CONFIG_SUFFIX
+  if not os.path.isabs(path):
+    for root in SHIPPED_CONFIG_DIRS:
+      candidate = os.path.join(root, *name.split('/'))
+      if os.path.isfile(candidate):
+        return candidate
+  shipped = shipped_config_names()
+  raise ConfigError(
+      f'Config file not found: {path} (resolved to {os.path.abspath(path)}), '
+      'and it is not the name of a shipped config. Shipped configs: '
+      + (', '.join(shipped) if shipped else 'none found') + '.', source=path)
+
+
+def load_config(path: 'os.PathLike[str] | str') -> config_pb2.ExperimentOptions:
+  """Reads and parses a textproto config file or a shipped config.
+
+  Local paths are read directly; paths with a URL scheme (gs://, ...) go
+  through tf.io.gfile so that remote configs work like in DeepLab2. A path
+  that does not exist may name a shipped config (`resolve_config_path`).
+  """
+  path = resolve_config_path(path)
   return parse_config(_read_text(path), source=path)
 
 
@@ -146,6 +201,15 @@ def _close_field_names(type_name: str, name: str) -> List[str]:
   except KeyError:
     return []
   return suggest_field_names(message, name)
+
+
+def is_repeated(field: descriptor_lib.FieldDescriptor) -> bool:
+  """Whether a field is repeated, on every protobuf runtime (>= 6 has
+  `is_repeated`; older ones only `label`)."""
+  repeated = getattr(field, 'is_repeated', None)
+  if repeated is None:
+    return field.label == descriptor_lib.FieldDescriptor.LABEL_REPEATED
+  return repeated
 
 
 def suggest_field_names(message: descriptor_lib.Descriptor,

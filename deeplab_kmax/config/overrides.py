@@ -17,6 +17,7 @@ for (repeated) message fields.
 """
 
 import json
+import re
 from typing import Any, Iterable, List, Mapping, Tuple
 
 from google.protobuf import descriptor as descriptor_lib
@@ -25,6 +26,7 @@ from google.protobuf import message as message_lib
 from deeplab_kmax.config import config_pb2
 from deeplab_kmax.config import environment
 from deeplab_kmax.config import loader
+from deeplab_kmax.config import validation
 
 _FieldDescriptor = descriptor_lib.FieldDescriptor
 ConfigError = loader.ConfigError
@@ -61,15 +63,48 @@ def override_from_text(config: config_pb2.ExperimentOptions, text: str,
   return result
 
 
+# `FIELD.PATH=VALUE`: a dotted field name, then `=`. Anything else given to
+# --config_override is a textproto snippet (`trainer_options { ... }`).
+_FIELD_ASSIGNMENT = re.compile(r'\s*[A-Za-z_][\w.]*\s*=')
+
+
+def is_field_assignment(flag: str) -> bool:
+  """Whether a --config_override value is FIELD.PATH=VALUE (not textproto).
+
+  Decided by the text before the first `=` alone, so the value may be any
+  string (`experiment_name=run{1}`, `...file_pattern=a:b`).
+  """
+  return bool(_FIELD_ASSIGNMENT.match(flag))
+
+
+def apply_override_flags(config: config_pb2.ExperimentOptions,
+                         flags: Iterable[str]
+                         ) -> config_pb2.ExperimentOptions:
+  """Applies --config_override values in order; each is FIELD.PATH=VALUE or
+  a textproto snippet (see `is_field_assignment`)."""
+  for flag in flags or ():
+    if is_field_assignment(flag):
+      config = override(config, parse_override_flags([flag]))
+    else:
+      config = override_from_text(config, flag,
+                                  source=f'--config_override={flag!r}')
+  return config
+
+
+# The dataset section inference (export, prediction) runs the model on.
+INFERENCE_DATASETS = ('eval_dataset_options',)
+
+
 def load_for_inference(path: str, override_flags: Iterable[str] = ()
                        ) -> config_pb2.ExperimentOptions:
   """The config as export and prediction read it: `${VAR}`s expanded leniently
-  (only the paths inference reads must be set), then --config_override's."""
+  (only the paths inference reads must be set), then --config_override's,
+  then the checks training runs (`validation.validate`) for the eval data."""
   config = environment.expand_environment_variables(
       loader.load_config(path), 'eval', strict=False)
-  if override_flags:
-    config = override(config, parse_override_flags(override_flags))
-  return config
+  config = apply_override_flags(config, override_flags)
+  return validation.validate(config, source=path,
+                             datasets=INFERENCE_DATASETS)
 
 
 def parse_override_flags(flags: Iterable[str]) -> dict:
@@ -220,12 +255,7 @@ def _as_list(field: _FieldDescriptor, text: str) -> List[Any]:
   return [item.strip() for item in text.split(',')]
 
 
-def _is_repeated(field: _FieldDescriptor) -> bool:
-  # protobuf >= 6 has `is_repeated`; older runtimes only have `label`.
-  is_repeated = getattr(field, 'is_repeated', None)
-  if is_repeated is None:
-    return field.label == _FieldDescriptor.LABEL_REPEATED
-  return is_repeated
+_is_repeated = loader.is_repeated
 
 
 def _replace_set_fields(target: message_lib.Message,

@@ -6,10 +6,14 @@ entries, an optimizer name the trainer does not know, a keep probability of
 datasets exist: that is the job of the code that opens them.
 """
 
-from typing import Callable, List, Optional
+import math
+from typing import Callable, List, Optional, Sequence
+
+from google.protobuf import descriptor as descriptor_lib
 
 from deeplab_kmax.config import config_pb2
 from deeplab_kmax.config import loader
+from deeplab_kmax.layers import cluster_options
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 LEARNING_POLICIES = ('poly', 'cosine')
@@ -24,10 +28,52 @@ KMAX_OUTPUT_STRIDE = 32
 OUTPUT_STRIDES = (8, 16, 32)
 
 
-def find_problems(config: config_pb2.ExperimentOptions) -> List[str]:
-  """Returns one human-readable line per invalid value (empty if none)."""
+DATASET_SECTIONS = ('train_dataset_options', 'eval_dataset_options')
+
+
+def kmax_crop_problem(crop_size: Sequence[int], field: str) -> Optional[str]:
+  """Why `crop_size` cannot feed a kMaX backbone, or None if it can.
+
+  kMaX backbones downsample by 32 with corner-aligned resampling, so every
+  crop side must be 32 * k + 1 (e.g. 641, 1025, 1281).
+  """
+  crop_size = list(crop_size)
+  if len(crop_size) == 2 and not any(
+      c < 1 or (c - 1) % KMAX_OUTPUT_STRIDE for c in crop_size):
+    return None
+  suggestion = [max(round((c - 1) / KMAX_OUTPUT_STRIDE), 1) *
+                KMAX_OUTPUT_STRIDE + 1 for c in crop_size] or [
+                    KMAX_OUTPUT_STRIDE * 20 + 1] * 2
+  return (f'{field} is {crop_size}; kMaX-DeepLab needs [height, width] with '
+          f'(size - 1) divisible by {KMAX_OUTPUT_STRIDE}, e.g. {suggestion}')
+
+
+def find_problems(config: config_pb2.ExperimentOptions,
+                  datasets: Sequence[str] = ()) -> List[str]:
+  """Returns one human-readable line per invalid value (empty if none).
+
+  Args:
+    config: the experiment config.
+    datasets: dataset sections the caller will run the model on (training
+      needs `train_dataset_options`, evaluation, export and prediction
+      `eval_dataset_options`): they must be present and, for kMaX
+      backbones, have a 32k+1 crop.
+  """
   problems: List[str] = []
   report = problems.append
+  _check_finite(config, '', report)
+  is_kmax = config.model_options.backbone.name.startswith('kmax_')
+  for name in datasets:
+    if name not in DATASET_SECTIONS:
+      raise ValueError(f'Unknown dataset section {name!r}; expected one of '
+                       f'{DATASET_SECTIONS}.')
+    if not config.HasField(name):
+      report(f'{name} is missing; it is needed to run the model')
+    elif is_kmax:
+      problem = kmax_crop_problem(getattr(config, name).crop_size,
+                                  f'{name}.crop_size')
+      if problem:
+        report(problem)
   _check_model(config.model_options, report)
   _check_trainer(config.trainer_options, report)
   for name in ('train_dataset_options', 'eval_dataset_options'):
@@ -38,9 +84,14 @@ def find_problems(config: config_pb2.ExperimentOptions) -> List[str]:
 
 
 def validate(config: config_pb2.ExperimentOptions,
-             source: Optional[str] = None) -> config_pb2.ExperimentOptions:
-  """Raises ConfigError listing every problem; returns `config` if none."""
-  problems = find_problems(config)
+             source: Optional[str] = None,
+             datasets: Sequence[str] = ()) -> config_pb2.ExperimentOptions:
+  """Raises ConfigError listing every problem; returns `config` if none.
+
+  Every entry point (training, evaluation, export, prediction) calls this,
+  naming the dataset sections it uses in `datasets` (see `find_problems`).
+  """
+  problems = find_problems(config, datasets)
   if problems:
     where = f'{source}: ' if source else ''
     raise loader.ConfigError(
@@ -64,8 +115,26 @@ def _one_of(value: str, allowed, name: str, report: _Report) -> None:
            f'{", ".join(repr(a) for a in allowed)}')
 
 
+def _check_finite(message, prefix: str, report: _Report) -> None:
+  """Every float set anywhere in the config must be a finite number."""
+  for field, value in message.ListFields():
+    name = f'{prefix}{field.name}'
+    if field.type == descriptor_lib.FieldDescriptor.TYPE_MESSAGE:
+      repeated = loader.is_repeated(field)
+      for index, item in enumerate(value if repeated else [value]):
+        where = f'{name}[{index}]' if repeated else name
+        _check_finite(item, f'{where}.', report)
+    elif field.cpp_type in (descriptor_lib.FieldDescriptor.CPPTYPE_FLOAT,
+                            descriptor_lib.FieldDescriptor.CPPTYPE_DOUBLE):
+      for item in (value if loader.is_repeated(field) else [value]):
+        if not math.isfinite(item):
+          report(f'{name} is {item}; expected a finite number')
+
+
 def _in_range(value: float, name: str, report: _Report, low: float,
               high: float, low_open: bool = False) -> None:
+  if not math.isfinite(value):
+    return  # Reported by _check_finite.
   too_low = value <= low if low_open else value < low
   if too_low or value > high:
     left = '(' if low_open else '['
@@ -73,12 +142,12 @@ def _in_range(value: float, name: str, report: _Report, low: float,
 
 
 def _positive(value: float, name: str, report: _Report) -> None:
-  if value <= 0:
+  if math.isfinite(value) and value <= 0:
     report(f'{name} is {value:g}; expected a positive value')
 
 
 def _non_negative(value: float, name: str, report: _Report) -> None:
-  if value < 0:
+  if math.isfinite(value) and value < 0:
     report(f'{name} is {value:g}; expected a value >= 0')
 
 
@@ -98,6 +167,10 @@ def _check_model(model: config_pb2.ModelOptions, report: _Report) -> None:
   _one_of(backbone.drop_path_schedule,
           DROP_PATH_SCHEDULES, 'model_options.backbone.drop_path_schedule',
           report)
+  for name in ('stem_width_multiplier', 'backbone_width_multiplier',
+               'backbone_layer_multiplier'):
+    _positive(getattr(backbone, name), f'model_options.backbone.{name}',
+              report)
 
   if model.HasField('decoder'):
     decoder = model.decoder
@@ -132,6 +205,40 @@ def _check_max_deeplab(options, report: _Report) -> None:
   _in_range(options.transformer_decoder_drop_path_keep_prob,
             f'{prefix}.transformer_decoder_drop_path_keep_prob', report, 0.0,
             1.0, low_open=True)
+  for name in ('pixel_decoder_width_multiplier',
+               'transformer_decoder_width_multiplier'):
+    _positive(getattr(options, name), f'{prefix}.{name}', report)
+  _check_cluster_family(options, prefix, report)
+
+
+def _check_cluster_family(options, prefix: str, report: _Report) -> None:
+  """The clustering-family switches (docs/clustering_family.md)."""
+  _one_of(options.pixel_cluster_interaction,
+          cluster_options.PIXEL_CLUSTER_INTERACTIONS,
+          f'{prefix}.pixel_cluster_interaction', report)
+  _one_of(options.cluster_decoder, cluster_options.CLUSTER_DECODERS,
+          f'{prefix}.cluster_decoder', report)
+  _non_negative(options.clusterformer_iterations,
+                f'{prefix}.clusterformer_iterations', report)
+  decoder = options.cluster_decoder
+  interaction = options.pixel_cluster_interaction
+  if (decoder == cluster_options.CMT and
+      interaction == cluster_options.SPATIAL_SOFTMAX):
+    allowed = ', '.join(
+        repr(a) for a in cluster_options.CLUSTER_AXIS_INTERACTIONS)
+    report(f'{prefix}.pixel_cluster_interaction is {interaction!r} but '
+           'cluster_decoder "cmt" adds its own cross-attention; expected '
+           f'one of {allowed}')
+  if (decoder == cluster_options.CLUSTERFORMER and
+      options.HasField('pixel_cluster_interaction') and
+      interaction != cluster_options.CLUSTER_ARGMAX):
+    report(f'{prefix}.pixel_cluster_interaction is {interaction!r} but '
+           'cluster_decoder "clusterformer" clusters with its own softmax '
+           'over the clusters; leave it unset')
+  if (decoder != cluster_options.CLUSTERFORMER and
+      options.HasField('clusterformer_iterations')):
+    report(f'{prefix}.clusterformer_iterations is set but cluster_decoder '
+           f'is {decoder!r}; it only applies to "clusterformer"')
 
 
 def _check_trainer(trainer: config_pb2.TrainerOptions,
@@ -145,7 +252,8 @@ def _check_trainer(trainer: config_pb2.TrainerOptions,
   _positive(solver.training_number_of_steps,
             f'{prefix}.training_number_of_steps', report)
   for name in ('warmup_steps', 'weight_decay', 'adamw_weight_decay',
-               'poly_end_learning_rate', 'backbone_learning_rate_multiplier'):
+               'poly_end_learning_rate', 'backbone_learning_rate_multiplier',
+               'poly_learning_power'):
     _non_negative(getattr(solver, name), f'{prefix}.{name}', report)
   _in_range(solver.batchnorm_momentum, f'{prefix}.batchnorm_momentum', report,
             0.0, 1.0)
@@ -196,6 +304,9 @@ def _check_dataset(dataset: config_pb2.DatasetOptions, name: str,
   _positive(dataset.max_thing_id, f'{name}.max_thing_id', report)
   _non_negative(dataset.small_instance_threshold,
                 f'{name}.small_instance_threshold', report)
+  _positive(dataset.sigma, f'{name}.sigma', report)
+  _non_negative(dataset.small_instance_weight,
+                f'{name}.small_instance_weight', report)
 
   if dataset.HasField('augmentations'):
     augment = dataset.augmentations

@@ -29,7 +29,7 @@ def define_converter_flags(root_flag: str, root_help: str,
       output_dir=flags.DEFINE_string('output_dir', None,
                                      'Where to write the TFRecord shards.'),
       num_shards=flags.DEFINE_integer('num_shards', num_shards,
-                                      'Shards per split.'),
+                                      'Shards per split.', lower_bound=1),
       splits=flags.DEFINE_list(
           'splits', None, 'Splits to convert. Default: every split whose '
           'image folder exists.'),

@@ -163,9 +163,17 @@ class DatasetInfo:
     }
 
   def save(self, path: str) -> None:
-    with open(path, 'w') as f:
-      json.dump(self.to_json_dict(), f, indent=1)
-      f.write('\n')
+    """Writes the JSON descriptor atomically (a reader never sees half)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    temp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
+    try:
+      with open(temp, 'w') as f:
+        json.dump(self.to_json_dict(), f, indent=1)
+        f.write('\n')
+      os.replace(temp, path)
+    finally:
+      if os.path.exists(temp):
+        os.remove(temp)
 
 
 def _validate(info: DatasetInfo) -> None:

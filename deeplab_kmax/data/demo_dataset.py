@@ -14,6 +14,9 @@ the same converter, category remapping and crowd handling as real data:
   <root>/tfrecord/{train,val}-SSSSS-of-NNNNN.tfrecord
   <root>/demo_shapes.json                         (dataset descriptor)
 
+The descriptor is written last and removed first: it marks a complete
+build, so an interrupted build is redone rather than reused (`is_complete`).
+
 Every image is drawn from its own seed (seed, split, index), so a subset (the
 first n images) is identical to the same images of a larger build.
 """
@@ -27,6 +30,7 @@ from PIL import Image
 
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import panoptic_conversion
+from deeplab_kmax.data import shard_files
 
 NAME = 'demo_shapes'
 DESCRIPTOR_FILE = f'{NAME}.json'
@@ -229,6 +233,16 @@ def render_scene(seed: Sequence[int], height: int = 128, width: int = 128
   return rgb.astype(np.uint8), canvas.ids, info
 
 
+def _remove_other_images(folder: str, suffix: str,
+                         entries: Sequence[Dict[str, object]]) -> None:
+  """Drops demo files of an earlier, bigger build (they have no annotation)."""
+  keep = {entry['file_name'] for entry in entries}
+  for name in os.listdir(folder):
+    if (name not in keep and name.endswith(suffix) and
+        name[:-len(suffix)].isdigit() and len(name) == 12 + len(suffix)):
+      os.remove(os.path.join(folder, name))
+
+
 def write_coco_split(coco_root: str, split: str, num_images: int, seed: int,
                      height: int, width: int) -> str:
   """Renders a split in COCO panoptic layout; returns the JSON path."""
@@ -251,6 +265,8 @@ def write_coco_split(coco_root: str, split: str, num_images: int, seed: int,
                    'height': height, 'width': width})
     annotations.append({'image_id': image_id, 'file_name': stem + '.png',
                         'segments_info': segments})
+  _remove_other_images(image_folder, '.jpg', images)
+  _remove_other_images(png_folder, '.png', annotations)
   categories = [{'id': s, 'name': n, 'isthing': int(t), 'color': list(c),
                  'supercategory': 'shape' if t else 'scene'}
                 for _, s, n, t, c in _CLASSES]
@@ -271,15 +287,32 @@ def build(output_dir: str, num_train: int = 256, num_val: int = 64,
   """
   coco_root = os.path.join(output_dir, 'coco')
   tfrecord_dir = os.path.join(output_dir, 'tfrecord')
+  descriptor = os.path.join(output_dir, DESCRIPTOR_FILE)
+  if os.path.exists(descriptor):  # No longer complete from here on.
+    os.remove(descriptor)
   splits = {'train': num_train, 'val': num_val}
   for split, count in splits.items():
     write_coco_split(coco_root, split, count, seed, height, width)
   info = dataset_info()
-  descriptor = os.path.join(output_dir, DESCRIPTOR_FILE)
-  info.save(descriptor)
   panoptic_conversion.convert_coco_panoptic(
       coco_root, tfrecord_dir, [s for s, n in splits.items() if n > 0],
       num_shards, info, num_workers=num_workers, show_progress=show_progress)
+  info.save(descriptor)
+  return _paths(output_dir)
+
+
+def is_complete(output_dir: str) -> bool:
+  """Whether a finished build is there: descriptor and full shard sets."""
+  tfrecord_dir = os.path.join(output_dir, 'tfrecord')
+  return (os.path.isfile(os.path.join(output_dir, DESCRIPTOR_FILE)) and
+          all(shard_files.is_complete_split(tfrecord_dir, split)
+              for split in ('train', 'val')))
+
+
+def _paths(output_dir: str) -> Dict[str, object]:
+  coco_root = os.path.join(output_dir, 'coco')
+  tfrecord_dir = os.path.join(output_dir, 'tfrecord')
+  descriptor = os.path.join(output_dir, DESCRIPTOR_FILE)
   return {
       'coco_root': coco_root,
       'descriptor': descriptor,

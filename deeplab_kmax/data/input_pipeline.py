@@ -10,24 +10,47 @@ maps, so example i of the dataset is always the same image. Under
 tf.distribute, pass the InputContext (`strategy.distribute_datasets_from_function`)
 and each pipeline reads its share of the files (or records) and batches
 `batch_size / num_replicas`.
+
+Bad data fails fast and names its file: matched files that hold no record
+at all are rejected when the dataset is created (training would otherwise
+wait forever for a first batch), and a shard that cannot be read to its end
+(corrupt record, truncated file) stops iteration with an error naming the
+shard when the reader reaches it.
 """
 
+import concurrent.futures
 from typing import Any, List, Optional, Sequence, Union
 
 import tensorflow as tf
 
+from deeplab_kmax import cli_errors
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import sample_generator as sample_generator_lib
 from deeplab_kmax.data import tfrecord_codec
 
 CYCLE_LENGTH = 32
 SHUFFLE_BUFFER_SIZE = 1000
+# Bytes a TFRecord adds around each record: length, length CRC, data CRC.
+RECORD_OVERHEAD_BYTES = 8 + 4 + 4
+CORRUPT_SHARD_MESSAGE = 'is corrupt or truncated'
+_STAT_THREADS = 32
+
+
+class EmptyDatasetError(ValueError, cli_errors.ExpectedError):
+  """The file pattern matches only files that hold no record.
+
+  Command-line tools print it alone, without a traceback (`cli_errors`).
+  """
+
+
+def _patterns(file_pattern: Union[str, Sequence[str]]) -> List[str]:
+  return [file_pattern] if isinstance(file_pattern, str) else list(
+      file_pattern)
 
 
 def list_files(file_pattern: Union[str, Sequence[str]]) -> List[str]:
   """Sorted files matching any of the patterns; none matching is an error."""
-  patterns = [file_pattern] if isinstance(file_pattern, str) else list(
-      file_pattern)
+  patterns = _patterns(file_pattern)
   if not patterns:
     raise ValueError('DatasetOptions.file_pattern is empty.')
   files = sorted({f for pattern in patterns for f in tf.io.gfile.glob(pattern)})
@@ -36,23 +59,84 @@ def list_files(file_pattern: Union[str, Sequence[str]]) -> List[str]:
   return files
 
 
-def _decoded_examples(files: List[str], decoder, is_training: bool,
+def file_sizes(files: Sequence[str]) -> List[int]:
+  """Byte sizes, stat'ed in parallel (cheap even for cloud storage)."""
+  with concurrent.futures.ThreadPoolExecutor(
+      min(_STAT_THREADS, max(1, len(files)))) as pool:
+    return list(pool.map(lambda f: tf.io.gfile.stat(f).length, files))
+
+
+def require_records(files: Sequence[str], sizes: Sequence[int],
+                    where: str) -> None:
+  """Raises EmptyDatasetError if no file can hold a record (all empty)."""
+  if not any(size > 0 for size in sizes):
+    shown = ', '.join(files[:3]) + (', ...' if len(files) > 3 else '')
+    raise EmptyDatasetError(
+        f'{where}: the {len(files)} matched file(s) ({shown}) hold no record; '
+        'was the dataset converted from an empty split?')
+
+
+def checked_records(filename: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
+  """The records of one TFRecord file; fails naming it if it is damaged.
+
+  tf.data's reader reports a corrupt record without the file name and
+  silently stops at a truncated record header. Here read errors end the
+  file's stream instead, and a check after its last record compares the
+  bytes read with the file size: a shortfall raises InvalidArgumentError
+  naming the file. Costs a few tf.data function calls per record, small
+  next to decoding the image.
+  """
+  records = tf.data.TFRecordDataset(filename).ignore_errors()
+  end = tf.data.Dataset.from_tensors((tf.constant(b''), True))
+  tagged = tf.data.Dataset.zip(
+      (records, tf.data.Dataset.from_tensors(False).repeat())).concatenate(end)
+
+  def count_bytes(consumed, element):
+    record, is_end = element
+
+    def check_size():
+      message = tf.strings.format(
+          'TFRecord file {} ' + CORRUPT_SHARD_MESSAGE + ': its readable '
+          'records end after {} of its {} bytes (python '
+          'data/check_tfrecords.py FILE tells why).',
+          (filename, consumed, size))
+      with tf.control_dependencies(
+          [tf.debugging.Assert(tf.equal(consumed, size), [message])]):
+        return tf.identity(consumed)
+
+    def add_record():
+      return consumed + tf.cast(tf.strings.length(record), tf.int64) + (
+          RECORD_OVERHEAD_BYTES)
+
+    return tf.cond(is_end, check_size, add_record), element
+
+  return (tagged.scan(tf.constant(0, tf.int64), count_bytes)
+          .filter(lambda record, is_end: tf.logical_not(is_end))
+          .map(lambda record, is_end: record))
+
+
+def _decoded_examples(files: List[str], sizes: List[int], decoder,
+                      is_training: bool,
                       input_context: Optional[tf.distribute.InputContext],
                       cycle_length: int, shuffle_buffer_size: int,
                       max_num_examples: int, seed: Optional[int]):
-  dataset = tf.data.Dataset.from_tensor_slices(files)
+  dataset = tf.data.Dataset.from_tensor_slices(
+      (files, tf.constant(sizes, tf.int64)))
   shard_records = False
   if input_context and input_context.num_input_pipelines > 1:
-    if len(files) >= input_context.num_input_pipelines:
-      dataset = dataset.shard(input_context.num_input_pipelines,
-                              input_context.input_pipeline_id)
+    pipelines = input_context.num_input_pipelines
+    if len(files) >= pipelines:
+      pipeline = input_context.input_pipeline_id
+      require_records(files[pipeline::pipelines], sizes[pipeline::pipelines],
+                      f'input pipeline {pipeline} of {pipelines}')
+      dataset = dataset.shard(pipelines, pipeline)
     else:  # Too few files: every pipeline reads all and keeps its records.
       shard_records = True
   if is_training:
     dataset = dataset.shuffle(len(files), seed=seed,
                               reshuffle_each_iteration=True).repeat()
   dataset = dataset.interleave(
-      tf.data.TFRecordDataset,
+      checked_records,
       cycle_length=min(cycle_length, len(files)) if is_training else 1,
       num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=not is_training)
@@ -107,6 +191,9 @@ def create_dataset(
   """
   info = dataset_info or dataset_info_lib.get_dataset_info(dataset_options)
   files = list_files(dataset_options.file_pattern)
+  sizes = file_sizes(files)
+  require_records(files, sizes,
+                  f'file_pattern {_patterns(dataset_options.file_pattern)}')
   batch_size = int(dataset_options.batch_size)
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}.')
@@ -121,7 +208,7 @@ def create_dataset(
       only_semantic_annotations=only_semantic_annotations)
 
   def examples(stream_seed):
-    return _decoded_examples(files, decoder, is_training, input_context,
+    return _decoded_examples(files, sizes, decoder, is_training, input_context,
                              cycle_length, shuffle_buffer_size,
                              max_num_examples, stream_seed)
 

@@ -14,28 +14,43 @@ sharded TFRecords. It is shared by the COCO, Cityscapes, ADE20K and demo
 converters.
 
 The per-image work is free of TensorFlow so it can run in worker processes;
-only `write_split` (the TFRecord writer) imports it.
+only `write_split` (the TFRecord writer) imports it. Worker processes end with
+the converter, even when it is killed (SIGKILL).
+
+Images are stored as the bytes of their file, whatever their colour mode
+(RGB, grayscale, CMYK JPEGs all occur in COCO): readers decode them with
+three channels, as DeepLab2 does.
 """
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import io
 import json
 import logging
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from deeplab_kmax import cli_errors
 from deeplab_kmax.data import dataset_info as dataset_info_lib
+from deeplab_kmax.data import shard_files
 from deeplab_kmax.data.label_format import encode_panoptic_label
 
 
-class ConversionError(ValueError):
-  """Bad input data; the message names the image and file concerned."""
+class ConversionError(ValueError, cli_errors.ExpectedError):
+  """Bad input data; the message names the image and file concerned.
+
+  The converters print it alone, without a traceback (`cli_errors`).
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +62,6 @@ class LabelSpec:
   divisor: int
   treat_crowd_as_ignore: bool = True
   check_area: bool = True
-  require_rgb_image: bool = True
 
   @classmethod
   def from_dataset_info(cls, info: dataset_info_lib.DatasetInfo,
@@ -218,10 +232,8 @@ def build_panoptic_label(segment_ids: np.ndarray,
 def convert_image(task: ImageTask, spec: LabelSpec) -> ConvertedImage:
   """Reads one image (+ label) and returns what its Example needs."""
   image_data = read_image_file(task.image_path, task)
+  # Any colour mode: the bytes are stored as they are (see module doc).
   image = open_image(image_data, task.image_path, task)
-  if spec.require_rgb_image and image.mode != 'RGB':
-    raise ConversionError(f'{_describe(task)}: expected an RGB image, got mode '
-                          f'{image.mode}.')
   width, height = image.size
   label_data = None
   if task.label_path is not None:
@@ -246,6 +258,39 @@ def _convert_star(args):
   return convert_image(*args)
 
 
+_PR_SET_PDEATHSIG = 1  # From <sys/prctl.h>.
+_PARENT_POLL_SECONDS = 1.0
+
+
+def _watch_parent(parent_pid: int) -> None:
+  while True:
+    if os.getppid() != parent_pid:
+      os._exit(1)  # pylint: disable=protected-access
+    time.sleep(_PARENT_POLL_SECONDS)
+
+
+def exit_with_parent(parent_pid: int) -> None:
+  """Worker initializer: the worker dies when the converter does.
+
+  A converter killed with SIGKILL cannot stop its pool, so the workers
+  would run on, orphaned. On Linux the kernel kills them (PR_SET_PDEATHSIG);
+  elsewhere a thread polls the parent id. A parent that died before this
+  ran is caught by the id check.
+  """
+  armed = False
+  if sys.platform.startswith('linux'):
+    try:
+      libc = ctypes.CDLL(None, use_errno=True)
+      armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+      armed = False
+  if os.getppid() != parent_pid:
+    os._exit(1)  # pylint: disable=protected-access
+  if not armed:
+    threading.Thread(target=_watch_parent, args=(parent_pid,),
+                     daemon=True).start()
+
+
 def convert_all(tasks: Sequence[ImageTask], spec: LabelSpec,
                 num_workers: int = 1) -> Iterator[ConvertedImage]:
   """Converted images in task order; num_workers > 1 uses processes."""
@@ -255,7 +300,8 @@ def convert_all(tasks: Sequence[ImageTask], spec: LabelSpec,
     return
   context = multiprocessing.get_context('spawn')
   with concurrent.futures.ProcessPoolExecutor(
-      max_workers=num_workers, mp_context=context) as pool:
+      max_workers=num_workers, mp_context=context,
+      initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
     chunk = max(1, min(16, len(tasks) // (4 * num_workers)))
     yield from pool.map(_convert_star, [(t, spec) for t in tasks],
                         chunksize=chunk)
@@ -271,24 +317,38 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
   return tqdm.tqdm(iterable, total=total, desc=desc, unit='img')
 
 
+def _require_tasks(tasks: Sequence[ImageTask], split: str,
+                   output_dir: str) -> None:
+  if not tasks:
+    raise ConversionError(f'Split {split!r} has no image to convert; nothing '
+                          f'written to {output_dir}.')
+
+
 def write_split(tasks: Sequence[ImageTask], spec: LabelSpec, output_dir: str,
                 split: str, num_shards: int, num_workers: int = 1,
                 show_progress: bool = True) -> List[str]:
   """Converts `tasks` into `<split>-SSSSS-of-NNNNN.tfrecord` shards.
 
-  Shards are written under hidden temporary names and renamed only after every
-  image converted, so a failed run leaves no shard behind that looks complete.
-  Returns the shard paths.
+  The new shards replace the split's old ones as a set (any shard count):
+  they are written under hidden in-progress names, renamed only after every
+  image converted, and the old shards of the split are deleted only then. A
+  failed run leaves no shard behind that looks complete and keeps the old
+  ones; the in-progress files of a killed run are removed by the next run
+  into the same folder (`shard_files`). Returns the shard paths.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from deeplab_kmax.data import tfrecord_codec  # pylint: disable=g-import-not-at-top
 
+  _require_tasks(tasks, split, output_dir)
   tf.io.gfile.makedirs(output_dir)
-  ranges = tfrecord_codec.shard_ranges(len(tasks), num_shards)
+  for path in shard_files.remove_stale_partials(output_dir, split):
+    logging.info('Removed %s, left behind by an interrupted run.', path)
+  ranges = shard_files.shard_ranges(len(tasks), num_shards)
   finals = [os.path.join(output_dir,
-                         tfrecord_codec.shard_filename(split, s, num_shards))
+                         shard_files.shard_filename(split, s, num_shards))
             for s in range(num_shards)]
-  temps = [os.path.join(output_dir, f'.{os.path.basename(p)}.partial')
+  temps = [os.path.join(output_dir,
+                        shard_files.partial_filename(os.path.basename(p)))
            for p in finals]
   results = convert_all(tasks, spec, num_workers)
   converted = iter(_progress(results, len(tasks), split, show_progress))
@@ -304,6 +364,8 @@ def write_split(tasks: Sequence[ImageTask], spec: LabelSpec, output_dir: str,
           writer.write(example.SerializeToString(deterministic=True))
     for temp, final in zip(temps, finals):
       tf.io.gfile.rename(temp, final, overwrite=True)
+    for path in shard_files.remove_other_shards(output_dir, split, finals):
+      logging.info('Removed %s, replaced by the new shards.', path)
   except BaseException:
     for temp in temps:
       if tf.io.gfile.exists(temp):
@@ -320,12 +382,34 @@ def write_split(tasks: Sequence[ImageTask], spec: LabelSpec, output_dir: str,
   return finals
 
 
+def write_splits(tasks_by_split: Mapping[str, Sequence[ImageTask]],
+                 spec: LabelSpec, output_dir: str, num_shards: int,
+                 num_workers: int = 1, show_progress: bool = True
+                 ) -> Dict[str, List[str]]:
+  """`write_split` for each split; every split is checked non-empty first.
+
+  Checking all splits before writing any keeps a run that must fail (an
+  empty split) from replacing the shards of the splits before it.
+  """
+  for split, tasks in tasks_by_split.items():
+    _require_tasks(tasks, split, output_dir)
+  return {split: write_split(tasks, spec, output_dir, split, num_shards,
+                             num_workers, show_progress=show_progress)
+          for split, tasks in tasks_by_split.items()}
+
+
 def sorted_files(folder: str, suffix: str) -> List[str]:
   """Files in `folder` ending with `suffix`, sorted (DeepLab2's order)."""
   if not os.path.isdir(folder):
     raise ConversionError(f'Image folder {folder} does not exist.')
   return sorted(os.path.join(folder, name) for name in os.listdir(folder)
                 if name.endswith(suffix))
+
+
+def _require_images(images: Sequence[str], folder: str, suffix: str) -> None:
+  if not images:
+    raise ConversionError(f'Image folder {folder} holds no *{suffix} file: '
+                          'nothing to convert.')
 
 
 def coco_layout_tasks(image_folder: str, json_path: Optional[str],
@@ -336,6 +420,7 @@ def coco_layout_tasks(image_folder: str, json_path: Optional[str],
   Images are taken in sorted file order (the record order DeepLab2 writes).
   """
   images = sorted_files(image_folder, image_suffix)
+  _require_images(images, image_folder, image_suffix)
   if json_path is None:
     return [ImageTask(path, image_format,
                       os.path.splitext(os.path.basename(path))[0],
@@ -370,8 +455,8 @@ def coco_split_paths(coco_root: str, split: str
   The test split has no labels: JSON and PNG folder are None.
   """
   if split not in COCO_SPLIT_FOLDERS:
-    raise ValueError(f'Unknown split {split!r}; expected one of '
-                     f'{sorted(COCO_SPLIT_FOLDERS)}.')
+    raise ConversionError(f'Unknown split {split!r}; expected one of '
+                          f'{sorted(COCO_SPLIT_FOLDERS)}.')
   images = os.path.join(coco_root, COCO_SPLIT_FOLDERS[split])
   if split == 'test':
     return images, None, None
@@ -395,13 +480,12 @@ def convert_coco_panoptic(coco_root: str, output_dir: str,
   """Converts splits of a COCO-layout dataset; returns {split: shard paths}."""
   spec = LabelSpec.from_dataset_info(
       info, treat_crowd_as_ignore=treat_crowd_as_ignore)
-  written = {}
-  for split in splits:
-    images, json_path, png_folder = coco_split_paths(coco_root, split)
-    tasks = coco_layout_tasks(images, json_path, png_folder)
-    written[split] = write_split(tasks, spec, output_dir, split, num_shards,
-                                 num_workers, show_progress=show_progress)
-  return written
+  if not splits:
+    raise ConversionError(f'No split to convert under {coco_root}.')
+  tasks = {split: coco_layout_tasks(*coco_split_paths(coco_root, split))
+           for split in splits}
+  return write_splits(tasks, spec, output_dir, num_shards, num_workers,
+                      show_progress=show_progress)
 
 
 def cityscapes_tasks(cityscapes_root: str, split: str) -> List[ImageTask]:
@@ -421,6 +505,7 @@ def cityscapes_tasks(cityscapes_root: str, split: str) -> List[ImageTask]:
     if os.path.isdir(city_folder):
       images.extend(sorted_files(city_folder, suffix))
   images.sort()
+  _require_images(images, image_root + '/<city>', suffix)
   if split == 'test':
     return [ImageTask(path, 'png', os.path.basename(path)[:-len(suffix)],
                       image_id=os.path.basename(path)[:-len(suffix)])
@@ -453,8 +538,8 @@ def ade20k_tasks(ade20k_root: str, split: str) -> List[ImageTask]:
   .json and PNGs in the folder ade20k_panoptic_<split>/, paired by stem.
   """
   if split not in ADE20K_SPLIT_FOLDERS:
-    raise ValueError(f'Unknown ADE20K split {split!r}; expected one of '
-                     f'{sorted(ADE20K_SPLIT_FOLDERS)}.')
+    raise ConversionError(f'Unknown ADE20K split {split!r}; expected one of '
+                          f'{sorted(ADE20K_SPLIT_FOLDERS)}.')
   return coco_layout_tasks(
       os.path.join(ade20k_root, 'images', ADE20K_SPLIT_FOLDERS[split]),
       os.path.join(ade20k_root, f'ade20k_panoptic_{split}.json'),
@@ -463,7 +548,6 @@ def ade20k_tasks(ade20k_root: str, split: str) -> List[ImageTask]:
 
 def ade20k_label_spec(info: dataset_info_lib.DatasetInfo,
                       treat_crowd_as_ignore: bool = True) -> LabelSpec:
-  """ADE20K's JSON areas are not checked and grayscale images are allowed."""
+  """ADE20K's JSON areas are not checked."""
   return LabelSpec.from_dataset_info(
-      info, treat_crowd_as_ignore=treat_crowd_as_ignore, check_area=False,
-      require_rgb_image=False)
+      info, treat_crowd_as_ignore=treat_crowd_as_ignore, check_area=False)

@@ -47,8 +47,14 @@ def resize_spec(value: Union[None, int, Sequence[int]]) -> Optional[Size]:
   return value
 
 
+# A resized side never drops below one pixel: a very elongated image (say
+# 10 x 2000 into a 129 crop) would otherwise get a zero-sized short side.
+MIN_RESIZED_SIDE = 1
+
+
 def _floor_scaled(size: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
-  return tf.cast(tf.floor(tf.cast(size, tf.float32) * scale), tf.int32)
+  scaled = tf.cast(tf.floor(tf.cast(size, tf.float32) * scale), tf.int32)
+  return tf.maximum(scaled, MIN_RESIZED_SIDE)
 
 
 def range_resize_shape(height: tf.Tensor, width: tf.Tensor,
@@ -57,7 +63,8 @@ def range_resize_shape(height: tf.Tensor, width: tf.Tensor,
   """Output [height, width] for `resize_to_range`.
 
   Scales up or down, keeping the aspect ratio, until both sides reach
-  `min_size`; then scales down (never up) until both fit in `max_size`. With
+  `min_size`; then scales down (never up) until both fit in `max_size`
+  (a side that would round down to 0 stays at `MIN_RESIZED_SIDE`). With
   `factor`, the sides become `k * factor + 1` (max_size is lowered to such a
   value first so the result still fits). Scale ratios are formed in float64
   and applied in float32, matching DeepLab2's sizes exactly.

@@ -15,12 +15,15 @@ Records written here are byte-identical to DeepLab2's, so datasets converted
 by either code base can be read by both.
 """
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import tensorflow as tf
 
 from deeplab_kmax.data.label_format import decode_panoptic_label
 from deeplab_kmax.data.label_format import encode_panoptic_label  # pylint: disable=unused-import
+# Shard naming lives with the rest of the shard-file rules.
+from deeplab_kmax.data.shard_files import shard_filename  # pylint: disable=unused-import
+from deeplab_kmax.data.shard_files import shard_ranges  # pylint: disable=unused-import
 
 KEY_ENCODED_IMAGE = 'image/encoded'
 KEY_IMAGE_FILENAME = 'image/filename'
@@ -132,18 +135,3 @@ class ExampleDecoder:
       label = tf.reshape(flat, tf.stack([height, width, 1]))
     return {'image': image, 'image_name': parsed[KEY_IMAGE_FILENAME],
             'height': height, 'width': width, 'label': label}
-
-
-def shard_filename(split: str, shard: int, num_shards: int) -> str:
-  """DeepLab2's shard naming, e.g. `train-00003-of-01000.tfrecord`."""
-  return f'{split}-{shard:05d}-of-{num_shards:05d}.tfrecord'
-
-
-def shard_ranges(num_items: int, num_shards: int) -> Tuple[Tuple[int, int], ...]:
-  """[start, end) per shard: equal ceil-sized shards, the tail ones shorter."""
-  if num_shards <= 0:
-    raise ValueError(f'num_shards must be positive, got {num_shards}.')
-  per_shard = -(-num_items // num_shards)
-  return tuple((min(s * per_shard, num_items),
-                min((s + 1) * per_shard, num_items))
-               for s in range(num_shards))

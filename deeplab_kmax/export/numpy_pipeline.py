@@ -31,7 +31,8 @@ def range_resize_shape(height: int, width: int,
   size = np.array([height, width], np.int64)
 
   def scaled(size, ratio):
-    return np.floor(size.astype(_F32) * _F32(ratio)).astype(np.int64)
+    return np.maximum(np.floor(size.astype(_F32) * _F32(ratio)),
+                      preprocessing.MIN_RESIZED_SIDE).astype(np.int64)
 
   if spec.min_resize_value is not None:
     ratio = max(spec.min_resize_value[0] / np.float64(size[0]),

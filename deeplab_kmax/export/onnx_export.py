@@ -34,6 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from deeplab_kmax import temp_files
 from deeplab_kmax.export import numpy_pipeline
 
 INPUT_NAME = 'padded_images'
@@ -131,13 +132,14 @@ def convert_network(model, crop_size: Sequence[int], output_path: str,
   directory = os.path.dirname(output_path)
   if directory:
     os.makedirs(directory, exist_ok=True)
-  partial = f'{output_path}.partial-{os.getpid()}'
-  try:
-    onnx.save(model_proto, partial)
-    os.replace(partial, output_path)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
+  # Written under a hidden temporary name and renamed; the temporaries of
+  # killed exports to the same file are removed first (see temp_files).
+  temp_files.remove_stale(
+      directory or '.',
+      temp_files.sibling_pattern(os.path.basename(output_path), 'partial'))
+  temp_files.write_atomically(
+      output_path, lambda partial: onnx.save(model_proto, partial),
+      tag='partial')
   return model_proto
 
 

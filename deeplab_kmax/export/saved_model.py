@@ -6,32 +6,56 @@ the end. An existing `output_path` is replaced only with `overwrite=True`, and
 even then the old directory is moved aside first and deleted only after the
 new one is in place. (Renaming is atomic on local file systems; on object
 stores such as GCS TensorFlow renames object by object.)
+
+An export killed midway (SIGKILL, power loss) leaves its hidden
+`.<name>.partial-<pid>-<hex>` folder behind, or, when killed between the two
+renames of an overwrite, the replaced version as `.<name>.old-<pid>-<hex>`.
+The next export to the same path removes stale ones (see `temp_files` for
+the age rule); an `.old-` folder is removed only when `<name>` exists, since
+otherwise it is the only copy of the previous export.
 """
 
 import json
 import os
-import posixpath
 import time
-import uuid
 from typing import Any, Dict, Optional
 
 from absl import logging
 import tensorflow as tf
 
+from deeplab_kmax import temp_files
 from deeplab_kmax.export import serving
+
+STAGING_TAG = 'partial'
+BACKUP_TAG = 'old'
 
 
 class ExportError(RuntimeError):
   """The SavedModel could not be written (nothing was left at the target)."""
 
 
-def _sibling(path: str, tag: str) -> str:
-  """A hidden, unique path in the same directory as `path`."""
-  path = path.rstrip('/')
-  parent, base = posixpath.split(path) if '://' in path else os.path.split(path)
-  name = f'.{base}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
-  return posixpath.join(parent, name) if '://' in path else os.path.join(
-      parent, name)
+def remove_stale_leftovers(output_path: str) -> list:
+  """Deletes what killed exports to `output_path` left next to it."""
+  output_path = output_path.rstrip('/')
+  parent, base = os.path.split(output_path)
+  parent = parent or '.'
+  removed = temp_files.remove_stale(
+      parent, temp_files.sibling_pattern(base, STAGING_TAG))
+  backups = temp_files.sibling_pattern(base, BACKUP_TAG)
+  if tf.io.gfile.exists(output_path):
+    removed += temp_files.remove_stale(parent, backups)
+  else:
+    try:
+      names = tf.io.gfile.listdir(parent)
+    except tf.errors.NotFoundError:
+      names = []
+    for name in names:
+      if backups.fullmatch(name.rstrip('/')):
+        logging.warning(
+            '%s is the previous export of %s, moved aside by an overwrite '
+            'that was killed; it is kept (rename it back if needed).',
+            os.path.join(parent, name), output_path)
+  return removed
 
 
 def _remove_tree(path: str) -> None:
@@ -68,8 +92,9 @@ def write_saved_model(module: serving.PanopticServingModule, output_path: str,
   parent = os.path.dirname(output_path)
   if parent:
     tf.io.gfile.makedirs(parent)
+  remove_stale_leftovers(output_path)
 
-  staging = _sibling(output_path, 'partial')
+  staging = temp_files.temporary_sibling(output_path, STAGING_TAG)
   start = time.time()
   try:
     tf.saved_model.save(module, staging, signatures=module.signatures())
@@ -84,7 +109,7 @@ def write_saved_model(module: serving.PanopticServingModule, output_path: str,
 
   backup = None
   if tf.io.gfile.exists(output_path):
-    backup = _sibling(output_path, 'old')
+    backup = temp_files.temporary_sibling(output_path, BACKUP_TAG)
     tf.io.gfile.rename(output_path, backup)
   try:
     tf.io.gfile.rename(staging, output_path)
@@ -117,7 +142,17 @@ def load_metadata(saved_model_dir: str) -> Dict[str, Any]:
 
 
 def load(saved_model_dir: str, signature: Optional[str] = None):
-  """Loads the SavedModel; returns (signature function, metadata)."""
+  """Loads the SavedModel; returns (loaded object, signature function,
+  metadata).
+
+  Raises:
+    FileNotFoundError: no SavedModel at `saved_model_dir`.
+    KeyError: it lacks the signature.
+  """
+  if not tf.saved_model.contains_saved_model(saved_model_dir):
+    raise FileNotFoundError(
+        f'{saved_model_dir} holds no SavedModel (saved_model.pb); give the '
+        'folder trainer/export_model.py wrote (--output_path).')
   loaded = tf.saved_model.load(saved_model_dir)
   name = signature or serving.SIGNATURE_IMAGE
   if name not in loaded.signatures:

@@ -275,6 +275,41 @@ def class_index_of(semantic: tf.Tensor,
                    tf.clip_by_value(semantic, 0, len(table) - 1))
 
 
+# File signatures of the formats `decode_image_file` reads (the formats of
+# tf.io.decode_image): JPEG, PNG, GIF, BMP, WebP (RIFF....WEBP).
+_DECODABLE_PREFIXES = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a',
+                       b'GIF89a', b'BM')
+
+
+def is_decodable_file(header: bytes) -> bool:
+  """Whether `decode_image_file` reads a file starting with `header`
+  (at least its first 12 bytes)."""
+  return (header.startswith(_DECODABLE_PREFIXES) or
+          (header[:4] == b'RIFF' and header[8:12] == b'WEBP'))
+
+
+def decode_image_file(image_bytes: tf.Tensor) -> tf.Tensor:
+  """An encoded image file -> uint8 [H, W, 3]: the one decoding rule.
+
+  serving_encoded decodes with this function and the predict CLI calls it
+  on the file's bytes, so one file gives one prediction both ways:
+
+    * JPEG, PNG, GIF, BMP, WebP; an animation gives its first frame.
+    * Pixels are used as stored: EXIF orientation is not applied (rotate the
+      file first if the model should see it upright; TensorFlow's decoders
+      do not read EXIF).
+    * 16 bits per channel -> 8 bits by keeping the high byte (value >> 8),
+      whatever the image's range.
+    * Grayscale is repeated to RGB, palette images are expanded, an alpha
+      channel is dropped (not composited); CMYK JPEGs are converted to RGB
+      by TensorFlow's JPEG decoder.
+  """
+  image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8,
+                             expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
 def _check_images(images: tf.Tensor) -> tf.Tensor:
   """Fails early, with a readable message, on images the model cannot use.
 
@@ -320,8 +355,7 @@ class PanopticServingModule(tf.Module):
     serving_batch(images: uint8 [B, H, W, 3]) -> maps [B, H, W]
       (one size per batch, like any tensor)
     serving_encoded(image_bytes: string []) -> maps [H, W]
-      (a JPEG/PNG/BMP/GIF file; grayscale and RGBA are converted to RGB,
-      the first frame of an animation is used)
+      (a JPEG/PNG/BMP/GIF/WebP file, decoded by `decode_image_file`)
   """
 
   def __init__(self, model, info: dataset_info_lib.DatasetInfo,
@@ -418,9 +452,7 @@ class PanopticServingModule(tf.Module):
   @tf.function(input_signature=[
       tf.TensorSpec([], tf.string, name=INPUT_ENCODED)])
   def serve_encoded(self, image_bytes):
-    image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8,
-                               expand_animations=False)
-    image.set_shape([None, None, 3])
+    image = decode_image_file(image_bytes)
     maps = self.predict_batch(image[tf.newaxis])
     return {key: value[0] for key, value in maps.items()}
 

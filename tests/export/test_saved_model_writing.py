@@ -75,3 +75,53 @@ def test_failed_export_leaves_nothing_behind(tmp_path):
 def test_load_metadata_names_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match='export_model'):
     saved_model.load_metadata(str(tmp_path))
+
+
+def _age(path, seconds):
+  """Sets the modification time of `path` and everything in it back."""
+  stamp = os.path.getmtime(path) - seconds
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      os.utime(os.path.join(root, name), (stamp, stamp))
+  os.utime(path, (stamp, stamp))
+
+
+def test_leftovers_of_killed_exports_are_removed_by_the_next(tmp_path):
+  """A killed export leaves `.<name>.partial-<pid>-<hex>`; the next export
+  to the same path removes stale ones of that name only."""
+  parent = tmp_path / 'models'
+  parent.mkdir()
+  stale = parent / '.1.partial-4242-0123abcd'
+  (stale / 'variables').mkdir(parents=True)
+  (stale / 'variables' / 'variables.data-00000-of-00001').write_bytes(b'x')
+  _age(stale, 3600)
+  fresh = parent / '.1.partial-4343-89abcdef'  # Another export, running now.
+  fresh.mkdir()
+  os.utime(fresh, (os.path.getmtime(fresh) + 3600,) * 2)
+  other_name = parent / '.2.partial-4242-0123abcd'  # Another output path.
+  other_name.mkdir()
+  _age(other_name, 3600)
+  not_ours = parent / '.1.partial-keep'
+  not_ours.mkdir()
+  _age(not_ours, 3600)
+  saved_model.write_saved_model(_TinyModule(2.0), str(parent / '1'))
+  assert _entries(parent) == sorted(
+      ['1', fresh.name, other_name.name, not_ours.name])
+
+
+def test_backup_of_a_killed_overwrite_is_kept_while_it_is_the_only_copy(
+    tmp_path):
+  parent = tmp_path / 'models'
+  parent.mkdir()
+  backup = parent / '.1.old-4242-0123abcd'
+  saved_model.write_saved_model(_TinyModule(2.0), str(backup))
+  _age(backup, 3600)
+  # Killed between the two renames: only the backup holds the model.
+  assert saved_model.remove_stale_leftovers(str(parent / '1')) == []
+  assert backup.exists()
+  saved_model.write_saved_model(_TinyModule(3.0), str(parent / '1'))
+  # Now `1` exists: the next export's cleanup removes the old copy.
+  saved_model.write_saved_model(_TinyModule(4.0), str(parent / '1'),
+                                overwrite=True)
+  assert _entries(parent) == ['1']
+  assert _served_scale(str(parent / '1')) == 4.0
