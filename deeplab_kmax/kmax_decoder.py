@@ -11,6 +11,12 @@ block, in order) are returned for deep supervision.
 Checkpoint names (DeepLab2 `KMaXTransformerDecoder`): `cluster_centers`,
 `_kmax_decoder/<i>/_block1_transformer/...`, `_class_embedding_projection`,
 `_mask_embedding_projection`.
+
+The same frame runs the clustering family (docs/clustering_family.md):
+`cluster_decoder` picks the block (kMaX's k-means block, CMT-DeepLab's or
+ClusterFormer's) and `pixel_cluster_interaction` how the centres read the
+pixels. ClusterFormer blocks also refine the pixel feature; the refined
+feature feeds the next block at the same stride.
 """
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -19,6 +25,9 @@ import tensorflow as tf
 import tf_keras
 
 from deeplab_kmax import heads
+from deeplab_kmax.layers import cluster_assignment
+from deeplab_kmax.layers import clusterformer
+from deeplab_kmax.layers import cmt_clustering
 from deeplab_kmax.layers import convolutions
 from deeplab_kmax.layers import kmeans_cross_attention
 from deeplab_kmax.layers import normalization
@@ -27,6 +36,13 @@ from deeplab_kmax.layers import normalization
 STAGE_FEATURE_KEYS = ('decoder_stage1', 'decoder_stage2', 'decoder_stage3')
 STAGE_STRIDES = (32, 16, 8)
 CENTER_CHANNELS = 256
+# The block layer of each `cluster_decoder` choice.
+BLOCK_LAYERS = {
+    cluster_assignment.KMAX: kmeans_cross_attention.KMaXTransformerLayer,
+    cluster_assignment.CMT: cmt_clustering.CMTTransformerLayer,
+    cluster_assignment.CLUSTERFORMER: clusterformer.ClusterFormerLayer,
+}
+DEFAULT_CLUSTERFORMER_ITERATIONS = 3
 
 
 class KMaXTransformerDecoder(tf_keras.layers.Layer):
@@ -47,6 +63,11 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
                activation: str = 'gelu',
                void_prior_prob: float = 0.9,
                bn_layer: Optional[normalization.NormLayer] = None,
+               cluster_decoder: str = cluster_assignment.KMAX,
+               pixel_cluster_interaction: str = (
+                   cluster_assignment.CLUSTER_ARGMAX),
+               clusterformer_iterations: int = (
+                   DEFAULT_CLUSTERFORMER_ITERATIONS),
                name: str = 'kmax_transformer_decoder'):
     """Builds the decoder.
 
@@ -70,6 +91,13 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
       void_prior_prob: void prior of the auxiliary class logits.
       bn_layer: overrides the batch norm built from `use_sync_batchnorm`
         (e.g. to apply the config's momentum and epsilon).
+      cluster_decoder: block family, one of
+        `cluster_assignment.CLUSTER_DECODERS` ('kmax', 'cmt',
+        'clusterformer').
+      pixel_cluster_interaction: how the centres read the pixels, one of
+        `cluster_assignment.PIXEL_CLUSTER_INTERACTIONS` (kmax and cmt).
+      clusterformer_iterations: clustering iterations T of each
+        ClusterFormer block.
       name: layer name.
     """
     super().__init__(name=name)
@@ -82,7 +110,13 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
         auxiliary_head_conv_type=auxiliary_head_conv_type,
         num_heads=num_heads, feed_forward_channels=feed_forward_channels,
         center_channels=center_channels,
-        activation=activation, void_prior_prob=void_prior_prob)
+        activation=activation, void_prior_prob=void_prior_prob,
+        cluster_decoder=cluster_decoder,
+        pixel_cluster_interaction=pixel_cluster_interaction,
+        clusterformer_iterations=clusterformer_iterations)
+    cluster_assignment.check_choice(cluster_decoder,
+                                    cluster_assignment.CLUSTER_DECODERS,
+                                    'cluster_decoder')
     if len(num_blocks) != len(STAGE_STRIDES):
       raise ValueError(f'num_blocks needs one count per stride '
                        f'{STAGE_STRIDES}, got {list(num_blocks)}.')
@@ -99,6 +133,10 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
           bn_layer=bn_layer, void_prior_prob=void_prior_prob,
           name='auxiliary_clustering_predictor')
 
+    family_kwargs = dict(layer_class=BLOCK_LAYERS[cluster_decoder],
+                         pixel_cluster_interaction=pixel_cluster_interaction)
+    if cluster_decoder == cluster_assignment.CLUSTERFORMER:
+      family_kwargs['clusterformer_iterations'] = clusterformer_iterations
     blocks = []
     for stride, count in zip(STAGE_STRIDES, num_blocks):
       for index in range(count):
@@ -113,7 +151,7 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
             feed_forward_channels=feed_forward_channels,
             activation=activation,
             drop_path_keep_prob=float(drop_path_keep_prob),
-            bn_layer=bn_layer))
+            bn_layer=bn_layer, **family_kwargs))
     # Checkpoint path `_kmax_decoder/<i>`.
     self._kmax_decoder = blocks
 
@@ -137,7 +175,8 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
   @property
   def blocks(self) -> List[kmeans_cross_attention.KMaXDecoderBlock]:
     """The k-means blocks in execution order; `blocks[i](pixels, centres,
-    training)` replays one block and returns (centres, auxiliary outputs)."""
+    training)` replays one block and returns (centres, auxiliary outputs)
+    and, for pixel-refining blocks (`refines_pixels`), the refined pixels."""
     return list(self._kmax_decoder)
 
   @property
@@ -192,8 +231,14 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
     centers = self.initial_cluster_centers(
         tf.shape(features[STAGE_FEATURE_KEYS[0]])[0])
     auxiliary_outputs = []
+    stage_pixels = {key: features[key] for key in STAGE_FEATURE_KEYS}
     for block, key in zip(self._kmax_decoder, self.block_feature_keys):
-      centers, predictions = block(features[key], centers, training=training)
+      if block.refines_pixels:
+        centers, predictions, stage_pixels[key] = block(
+            stage_pixels[key], centers, training=training)
+      else:
+        centers, predictions = block(stage_pixels[key], centers,
+                                     training=training)
       auxiliary_outputs.append(predictions)
 
     class_feature, mask_feature = self.embed(centers, training=training)

@@ -273,7 +273,10 @@ def build_model(config: config_pb2.ExperimentOptions,
       auxiliary_pixel_head_channels=max_deeplab.pixel_space_head.head_channels,
       auxiliary_mask_embedding_channels=(
           max_deeplab.pixel_space_head.output_channels),
-      auxiliary_head_conv_type=max_deeplab.pixel_space_head.head_conv_type)
+      auxiliary_head_conv_type=max_deeplab.pixel_space_head.head_conv_type,
+      cluster_decoder=max_deeplab.cluster_decoder,
+      pixel_cluster_interaction=max_deeplab.pixel_cluster_interaction,
+      clusterformer_iterations=max_deeplab.clusterformer_iterations)
   predictor = heads.MaXDeepLabHead(
       semantic_num_classes=semantic_classes,
       use_semantic_decoder=layout.use_semantic_decoder,

@@ -23,15 +23,25 @@ k-means cross-attention and memory self-attention) fixes the private
 attribute names, e.g. `_memory_conv1_bn_act`, `_pixel_v_conv_bn`,
 `_kmeans_memory_conv3_bn`, `_auxiliary_clustering_predictor`; the decoder
 stores each layer as `_block1_transformer` of a `KMaXDecoderBlock`.
+
+The same block runs the other rows of kMaX's pixel-cluster interaction
+ablation (`pixel_cluster_interaction`, see `cluster_assignment`): a softmax
+over the cluster axis instead of the argmax, or ordinary multi-head
+cross-attention with a softmax over the pixels (which adds the query / key
+projections `_cross_query_conv_bn`, `_pixel_key_conv_bn`). All three read
+the centre update through the same batch norm and output projection, so a
+kMaX checkpoint restores every shared variable. Subclasses for the CMT and
+ClusterFormer decoders override `project_pixels` and `pixel_cluster_update`.
 """
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import tensorflow as tf
 import tf_keras
 
 from deeplab_kmax.layers import activations
 from deeplab_kmax.layers import attention
+from deeplab_kmax.layers import cluster_assignment
 from deeplab_kmax.layers import convolutions
 from deeplab_kmax.layers import drop_path
 from deeplab_kmax.layers import normalization
@@ -51,12 +61,7 @@ def kmeans_assignment(mask_logits: tf.Tensor) -> tf.Tensor:
   Returns:
     [B, H, W, N] float one-hot over N (the cluster axis), without gradient.
   """
-  num_clusters = mask_logits.shape[-1]
-  if num_clusters is None:
-    raise ValueError('The number of cluster centres (last axis of the mask '
-                     'logits) must be known statically.')
-  best = tf.argmax(mask_logits, axis=-1)  # [B, H, W]
-  return tf.stop_gradient(tf.one_hot(best, num_clusters, dtype=tf.float32))
+  return cluster_assignment.hard_assignment(mask_logits)
 
 
 class KMaXTransformerLayer(tf_keras.layers.Layer):
@@ -75,7 +80,9 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
                attention_activation: str = 'softmax',
                drop_path_keep_prob: float = 1.0,
                bn_layer: normalization.NormLayer = (
-                   tf_keras.layers.BatchNormalization)):
+                   tf_keras.layers.BatchNormalization),
+               pixel_cluster_interaction: str = (
+                   cluster_assignment.CLUSTER_ARGMAX)):
     """Builds the layer.
 
     Args:
@@ -95,8 +102,15 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
       drop_path_keep_prob: keep probability of the three residual branches
         (k-means update, self-attention, FFN) in training.
       bn_layer: batch norm constructor.
+      pixel_cluster_interaction: how the centres read the pixels, one of
+        `cluster_assignment.PIXEL_CLUSTER_INTERACTIONS` (kMaX's argmax over
+        the clusters by default).
     """
     super().__init__(name=name)
+    self._interaction = cluster_assignment.check_choice(
+        pixel_cluster_interaction,
+        cluster_assignment.PIXEL_CLUSTER_INTERACTIONS,
+        'pixel_cluster_interaction')
     if key_channels % num_heads or value_channels % num_heads:
       raise ValueError(f'key_channels ({key_channels}) and value_channels '
                        f'({value_channels}) must be divisible by num_heads '
@@ -107,18 +121,9 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
     self._value_channels = value_channels
     self._num_heads = num_heads
     self._feed_forward_channels = feed_forward_channels
+    self._bn_layer = bn_layer
     self._act = activations.get_activation(activation) or tf.identity
-
-    def conv1d(channels, attr_name, act=None, gamma='ones', init='he_normal'):
-      return convolutions.Conv1D(  # bias-free, BN'd pointwise projection
-          channels, name=attr_name, use_bias=False, use_bn=True,
-          bn_layer=bn_layer, gamma_init=gamma, activation=act,
-          kernel_init=init)
-
-    def qkv_init():
-      # Transformer-style init for the q/k/v projections (one per kernel).
-      return tf_keras.initializers.TruncatedNormal(
-          stddev=bottleneck_channels ** -0.5)
+    conv1d, qkv_init = self.conv1d, self.qkv_init
 
     # Down-projections (bottleneck) of both spaces.
     self._memory_conv1_bn_act = conv1d(bottleneck_channels,
@@ -133,6 +138,9 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
         name='memory_attention', activation=activation,
         attention_activation=attention_activation, bn_layer=bn_layer)
     self._auxiliary_clustering_predictor = auxiliary_predictor_fn()
+    if self._interaction == cluster_assignment.SPATIAL_SOFTMAX:
+      self._cross_query_conv_bn, self._pixel_key_conv_bn = (
+          self.cross_attention_projections())
 
     # Residual branches end in a zero-gamma BN so each block starts as the
     # identity.
@@ -155,9 +163,34 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
     self._ffn_drop_path = drop_path.DropPath(drop_path_keep_prob,
                                              name='ffn_drop_path')
 
+  def conv1d(self, channels: int, attr_name: str, act: Optional[str] = None,
+             gamma: str = 'ones', init='he_normal') -> convolutions.Conv1D:
+    """A bias-free, batch-normalised pointwise projection of [B, L, C]."""
+    return convolutions.Conv1D(
+        channels, name=attr_name, use_bias=False, use_bn=True,
+        bn_layer=self._bn_layer, gamma_init=gamma, activation=act,
+        kernel_init=init)
+
+  def qkv_init(self) -> tf_keras.initializers.Initializer:
+    """Transformer-style init of a query/key/value kernel (one per kernel)."""
+    return tf_keras.initializers.TruncatedNormal(
+        stddev=self._bottleneck ** -0.5)
+
+  def cross_attention_projections(
+      self) -> Tuple[convolutions.Conv1D, convolutions.Conv1D]:
+    """Centre-query and pixel-key projections of a spatial cross-attention."""
+    return (self.conv1d(self._key_channels, 'cross_query_conv_bn',
+                        init=self.qkv_init()),
+            self.conv1d(self._key_channels, 'pixel_key_conv_bn',
+                        init=self.qkv_init()))
+
   @property
   def auxiliary_predictor(self) -> tf_keras.layers.Layer:
     return self._auxiliary_clustering_predictor
+
+  @property
+  def pixel_cluster_interaction(self) -> str:
+    return self._interaction
 
   def assign_pixels(self, pixel_feature: tf.Tensor, centers: tf.Tensor,
                     training=False) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
@@ -169,7 +202,8 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
       training: training mode.
 
     Returns:
-      The auxiliary predictions and the [B, H, W, N] one-hot assignment.
+      The auxiliary predictions and the [B, H, W, N] assignment (one-hot
+      for `cluster_argmax`, softmax over N for `cluster_softmax`).
     """
     predictions = self._auxiliary_clustering_predictor(
         {
@@ -178,14 +212,15 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
             'transformer_mask_feature': centers,
         },
         training=training)
-    return predictions, kmeans_assignment(predictions[MASK_LOGITS_KEY])
+    return predictions, cluster_assignment.cluster_axis_assignment(
+        predictions[MASK_LOGITS_KEY], self._interaction)
 
   def update_centers(self, assignment: tf.Tensor, pixel_value: tf.Tensor,
                      training=False) -> tf.Tensor:
     """k-means update step (before the residual addition).
 
     Args:
-      assignment: [B, HW, N] one-hot assignment.
+      assignment: [B, HW, N] assignment (weights over the cluster axis).
       pixel_value: [B, HW, value_channels].
       training: training mode.
 
@@ -196,6 +231,44 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
     gathered = self._kmeans_memory_batch_norm_retrieved_value(
         gathered, training=training)
     return self._kmeans_memory_conv3_bn(gathered, training=training)
+
+  def project_pixels(self, pixels: tf.Tensor, height: tf.Tensor,
+                     width: tf.Tensor, training=False) -> tf.Tensor:
+    """Bottleneck projection [B, HW, C] -> [B, HW, D] of the (non-activated)
+    pixel input; `height`/`width` let subclasses add pixel coordinates."""
+    del height, width  # Used by location-sensitive subclasses.
+    return self._pixel_conv1_bn_act(self._act(pixels), training=training)
+
+  def pixel_cluster_update(self, mask_logits: tf.Tensor, pixels: tf.Tensor,
+                           centers: tf.Tensor, pixel_value: tf.Tensor,
+                           training=False) -> Tuple[tf.Tensor, tf.Tensor]:
+    """The centres read the pixels (the interaction step).
+
+    Args:
+      mask_logits: [B, H, W, N] affinities of the auxiliary predictor.
+      pixels: [B, HW, D] bottleneck pixels.
+      centers: [B, N, D] bottleneck centres.
+      pixel_value: [B, HW, V] pixel values.
+      training: training mode.
+
+    Returns:
+      The [B, N, memory_channels] centre update (before drop-path and the
+      residual addition) and the [B, N, D] bottleneck centres after the
+      interaction (unchanged here; iterative subclasses refine them).
+    """
+    if self._interaction == cluster_assignment.SPATIAL_SOFTMAX:
+      gathered, _ = cluster_assignment.spatial_softmax_attention(
+          self._cross_query_conv_bn(centers, training=training),
+          self._pixel_key_conv_bn(pixels, training=training),
+          pixel_value, self._num_heads)  # [B, N, V]
+      gathered = self._kmeans_memory_batch_norm_retrieved_value(
+          gathered, training=training)
+      return self._kmeans_memory_conv3_bn(gathered, training=training), centers
+    assignment = cluster_assignment.cluster_axis_assignment(
+        mask_logits, self._interaction)  # [B, H, W, N]
+    assignment = tf.reshape(assignment,
+                            [-1, tf.shape(pixels)[1], centers.shape[1]])
+    return self.update_centers(assignment, pixel_value, training), centers
 
   def call(self, pixel_feature: tf.Tensor, cluster_centers: tf.Tensor,
            training=False) -> Tuple[tf.Tensor, Dict[str, tf.Tensor]]:
@@ -211,6 +284,16 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
       of this block (`pixel_space_mask_logits` [B, H, W, N],
       `transformer_class_logits`, `pixel_space_normalized_feature`).
     """
+    output, predictions, _, _ = self.run_block(pixel_feature, cluster_centers,
+                                               training)
+    return output, predictions
+
+  def run_block(
+      self, pixel_feature: tf.Tensor, cluster_centers: tf.Tensor,
+      training=False
+  ) -> Tuple[tf.Tensor, Dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:
+    """`call`, plus the [B, HW, D] bottleneck pixels and the [B, N, D]
+    bottleneck centres after the interaction (for pixel-refining blocks)."""
     if pixel_feature.shape.rank != 4 or pixel_feature.shape[-1] is None:
       raise ValueError(f'{self.name}: pixel_feature must be [B, H, W, C] '
                        f'with known C, got {pixel_feature.shape}.')
@@ -228,20 +311,26 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
 
     # Bottleneck projections; the pixel input arrives non-activated.
     centers = self._memory_conv1_bn_act(cluster_centers, training=training)
-    pixels = self._pixel_conv1_bn_act(self._act(pixels),
-                                      training=training)  # [B, HW, D]
+    pixels = self.project_pixels(pixels, height, width,
+                                 training=training)  # [B, HW, D]
     query, key, value = tf.split(
         self._memory_qkv_conv_bn(centers, training=training),
         [self._key_channels, self._key_channels, self._value_channels],
         axis=-1)
     pixel_value = self._pixel_v_conv_bn(pixels, training=training)
 
-    # k-means cross-attention: assign, then gather.
+    # Pixel-cluster interaction (k-means by default): assign, then gather.
     pixel_map = tf.reshape(pixels,
                            [-1, height, width, self._bottleneck])
-    predictions, assignment = self.assign_pixels(pixel_map, centers, training)
-    assignment = tf.reshape(assignment, [-1, height * width, num_centers])
-    update = self.update_centers(assignment, pixel_value, training)
+    predictions = self._auxiliary_clustering_predictor(
+        {
+            'feature_panoptic': pixel_map,
+            'transformer_class_feature': centers,
+            'transformer_mask_feature': centers,
+        },
+        training=training)
+    update, clustered = self.pixel_cluster_update(
+        predictions[MASK_LOGITS_KEY], pixels, centers, pixel_value, training)
     output = cluster_centers + self._kmeans_drop_path(update,
                                                       training=training)
 
@@ -261,7 +350,7 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
       hidden = self._memory_ffn_conv2_bn(hidden, training=training)
       output = self._act(
           output + self._ffn_drop_path(hidden, training=training))
-    return output, predictions
+    return output, predictions, pixels, clustered
 
 
 class KMaXDecoderBlock(tf_keras.layers.Layer):
@@ -269,19 +358,27 @@ class KMaXDecoderBlock(tf_keras.layers.Layer):
 
   It exists for the checkpoint path `_kmax_decoder/<i>/_block1_transformer`
   and forwards calls: `block(pixel_feature, centers, training)` returns
-  `(new_centers, auxiliary_predictions)`.
+  `(new_centers, auxiliary_predictions)`, plus the refined pixel feature
+  when the layer refines pixels (`refines_pixels`, e.g. ClusterFormer).
   """
 
-  def __init__(self, name: str, **layer_kwargs):
+  def __init__(self, name: str,
+               layer_class: type = KMaXTransformerLayer,
+               **layer_kwargs):
     super().__init__(name=name)
-    self._block1_transformer = KMaXTransformerLayer(
+    self._block1_transformer = layer_class(
         name='block1_transformer', **layer_kwargs)
+
+  @property
+  def refines_pixels(self) -> bool:
+    """Whether calls also return a refined [B, H, W, C] pixel feature."""
+    return getattr(self._block1_transformer, 'refines_pixels', False)
 
   @property
   def transformer(self) -> KMaXTransformerLayer:
     return self._block1_transformer
 
   def call(self, pixel_feature: tf.Tensor, cluster_centers: tf.Tensor,
-           training=False) -> Tuple[tf.Tensor, Dict[str, tf.Tensor]]:
+           training=False) -> Tuple[tf.Tensor, ...]:
     return self._block1_transformer(pixel_feature, cluster_centers,
                                     training=training)
