@@ -1,4 +1,4 @@
-"""Deployment: SavedModel for TF Serving, REST helpers, ONNX.
+"""Deployment: SavedModel for TF Serving, REST helpers, ONNX, TFLite.
 
   serving          the tf.Module with signatures and in-graph pre- and
                    post-processing
@@ -7,6 +7,6 @@
   rest_api         TF Serving REST request/response bodies and a client
   numpy_pipeline   the pre/post-processing in NumPy (for ONNX runtimes)
   onnx_export      tf2onnx conversion of the network; onnxruntime predictor
-
-The command-line entry point is trainer/export_model.py.
+  tflite_export    TFLite conversion of network + merge; interpreter predictor
+  export_cli       the command line (`kmax-export`, trainer/export_model.py)
 """

@@ -12,12 +12,12 @@ gradient of the global batch and one replica or many give the same update.
 import time
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
-from absl import logging
 import orbit
 import tensorflow as tf
 import tf_keras
 
 from deeplab_kmax.trainer import optimizer as optimizer_lib
+from deeplab_kmax.trainer import progress_log as progress_log_lib
 
 TOTAL_LOSS = 'total_loss'
 IMAGE = 'image'
@@ -53,11 +53,7 @@ def partition_by_backbone(items: Sequence[Any],
   return main, rest
 
 
-def format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  hours, rest = divmod(seconds, 3600)
-  minutes, seconds = divmod(rest, 60)
-  return f'{hours}h{minutes:02d}m{seconds:02d}s'
+format_duration = progress_log_lib.format_duration
 
 
 class KMaXTrainer(orbit.StandardTrainer):
@@ -86,7 +82,8 @@ class KMaXTrainer(orbit.StandardTrainer):
       image_summary_fn: Optional[Callable[[int], None]] = None,
       image_summary_interval: Optional[int] = None,
       strategy: Optional[tf.distribute.Strategy] = None,
-      options: Optional[orbit.StandardTrainerOptions] = None):
+      options: Optional[orbit.StandardTrainerOptions] = None,
+      progress_log: Optional[progress_log_lib.ProgressLog] = None):
     """Creates the trainer.
 
     Args:
@@ -109,6 +106,8 @@ class KMaXTrainer(orbit.StandardTrainer):
         multiple of this.
       strategy: defaults to the current strategy.
       options: Orbit loop options.
+      progress_log: where each loop's line and JSON record go; by default
+        the line is logged and no JSON file is written.
     """
     self._strategy = strategy or tf.distribute.get_strategy()
     if isinstance(train_dataset, tf.data.Dataset):
@@ -133,6 +132,7 @@ class KMaXTrainer(orbit.StandardTrainer):
     self._total_steps = total_steps
     self._image_summary_fn = image_summary_fn
     self._image_summary_interval = image_summary_interval
+    self._progress_log = progress_log or progress_log_lib.ProgressLog()
 
     with self._strategy.scope():
       self._loss_metrics = {
@@ -203,7 +203,7 @@ class KMaXTrainer(orbit.StandardTrainer):
       logs['backbone_learning_rate'] = optimizer_lib.current_learning_rate(
           self._backbone_optimizer)
     logs['gradient_norm'] = self._gradient_norm.result()
-    self._log_progress(step, float(losses[TOTAL_LOSS]))
+    self._log_progress(step, losses, logs)
 
     if (self._image_summary_fn is not None and self._image_summary_interval and
         step % self._image_summary_interval == 0):
@@ -272,14 +272,16 @@ class KMaXTrainer(orbit.StandardTrainer):
         optimizer.apply_gradients(pairs,
                                   experimental_aggregate_gradients=False)
 
-  def _log_progress(self, step: int, total_loss: float):
+  def _log_progress(self, step: int, losses: Mapping[str, tf.Tensor],
+                    logs: Mapping[str, Any]):
+    """One line for a person, the whole loop in the JSON lines file."""
     elapsed = max(time.time() - self._loop_start_time, 1e-9)
-    steps_done = step - self._loop_start_step
-    rate = steps_done / elapsed
-    message = (f'step {step}: total_loss {total_loss:.4f}, '
-               f'{rate:.3f} steps/s')
-    if self._total_steps and rate > 0:
-      remaining = max(self._total_steps - step, 0)
-      message += (f', {100.0 * step / self._total_steps:.1f}% of '
-                  f'{self._total_steps}, ETA {format_duration(remaining / rate)}')
-    logging.info(message)
+    extra = {key: float(logs[key]) for key in
+             ('backbone_learning_rate', 'gradient_norm') if key in logs}
+    self._progress_log.log(progress_log_lib.LoopRecord(
+        step=step,
+        losses={name: float(value) for name, value in losses.items()},
+        learning_rate=float(logs['learning_rate']),
+        steps_per_second=(step - self._loop_start_step) / elapsed,
+        total_steps=self._total_steps,
+        extra=extra))

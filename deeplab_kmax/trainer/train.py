@@ -16,6 +16,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from deeplab_kmax import cli_errors
+
 flags.DEFINE_string('config_file', None,
                     'ExperimentOptions textproto (DeepLab2 format).')
 flags.DEFINE_enum('mode', None,
@@ -39,18 +41,16 @@ flags.DEFINE_multi_string(
     'train_dataset_options.batch_size=8) or a textproto snippet '
     '(e.g. "trainer_options { steps_per_loop: 10 }"). Repeatable.')
 
+cli_errors.define_verbose_flag()
+
 FLAGS = flags.FLAGS
+# Exit status of a run stopped by a NaN/Inf loss.
+NON_FINITE_LOSS_STATUS = 3
 
 
 def _apply_overrides(config, overrides):
   from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
-  for item in overrides or []:
-    if '{' in item or ':' in item.split('=', 1)[0]:
-      config = config_lib.override_from_text(config, item)
-    else:
-      config = config_lib.override(config,
-                                   config_lib.parse_override_flags([item]))
-  return config
+  return config_lib.apply_override_flags(config, overrides)
 
 
 def main(argv):
@@ -80,11 +80,12 @@ def main(argv):
   except kmax_trainer.NonFiniteLossError as e:
     logging.error('%s', e)
     print(f'ERROR: {e}', file=sys.stderr)
-    sys.exit(3)
+    sys.exit(NON_FINITE_LOSS_STATUS)
 
 
 def run():
-  app.run(main)
+  from deeplab_kmax.config import loader  # pylint: disable=g-import-not-at-top
+  cli_errors.run(main, expected=(loader.ConfigError,))
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ model_dir (step counter, weights and optimizer state); only a fresh run reads
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable, List, Optional, Sequence
 
 from absl import logging
@@ -19,17 +20,22 @@ import tensorflow as tf
 import tf_keras
 
 from deeplab_kmax import config as config_lib
+from deeplab_kmax import temp_files
 from deeplab_kmax.trainer import checkpoints as checkpoints_lib
 from deeplab_kmax.trainer import distribution
 from deeplab_kmax.trainer import kmax_evaluator
 from deeplab_kmax.trainer import kmax_trainer
 from deeplab_kmax.trainer import optimizer as optimizer_lib
+from deeplab_kmax.trainer import progress_log
 from deeplab_kmax.trainer import summaries
 
 MODES = ('train', 'eval', 'train_and_eval', 'continuous_eval')
-# kMaX backbones reduce by 32 with corner-aligned resampling, so every crop
-# side must be 32 * k + 1 (e.g. 641, 1025, 1281).
-KMAX_OUTPUT_STRIDE = 32
+KMAX_OUTPUT_STRIDE = config_lib.validation.KMAX_OUTPUT_STRIDE
+# What killed runs leave in model_dir (removed when stale, see `temp_files`):
+# TensorFlow writes a checkpoint's shards into `<prefix>_temp/` before
+# merging them, and the `checkpoint` state file through `checkpoint.tmp<hex>`.
+STALE_CHECKPOINT_WRITES = re.compile(
+    r'ckpt-\d+_temp|checkpoint\.tmp[0-9a-f]{32}')
 _NUM_TRAIN_VIS_IMAGES = 2
 
 
@@ -40,21 +46,17 @@ expand_environment_variables = config_lib.expand_environment_variables
 
 
 def check_crop_size(crop_size: Sequence[int], field: str) -> None:
-  """kMaX crops must be 32k+1 on both sides."""
-  bad = [c for c in crop_size if (c - 1) % KMAX_OUTPUT_STRIDE]
-  if len(crop_size) != 2 or bad:
-    suggestion = [max(round((c - 1) / KMAX_OUTPUT_STRIDE), 1) *
-                  KMAX_OUTPUT_STRIDE + 1 for c in crop_size]
-    raise ValueError(
-        f'{field} is {list(crop_size)}; kMaX-DeepLab needs [height, width] '
-        f'with (size - 1) divisible by {KMAX_OUTPUT_STRIDE}, e.g. '
-        f'{suggestion}.')
+  """kMaX crops must be 32k+1 on both sides (the rule lives in validation)."""
+  problem = config_lib.validation.kmax_crop_problem(crop_size, field)
+  if problem:
+    raise config_lib.ConfigError(problem + '.', field=field)
 
 
 def check_file_pattern(dataset_options, field: str) -> None:
   patterns = list(dataset_options.file_pattern)
   if not patterns:
-    raise ValueError(f'{field}.file_pattern is not set.')
+    raise config_lib.ConfigError(f'{field}.file_pattern is not set.',
+                                 field=f'{field}.file_pattern')
   for pattern in patterns:
     if not tf.io.gfile.glob(pattern):
       raise FileNotFoundError(f'{field}.file_pattern {pattern!r} matches no '
@@ -66,21 +68,15 @@ def prepare_config(config, mode: str, check_files: bool = True):
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; expected one of {MODES}.')
   config = expand_environment_variables(config, mode)
-  config_lib.validate(config)
-  is_kmax = config.model_options.backbone.name.startswith('kmax_')
-  for section, needed in (('train_dataset_options', 'train' in mode),
-                          ('eval_dataset_options', 'eval' in mode)):
-    if not needed:
-      continue
-    if not config.HasField(section):
-      raise ValueError(f'Mode {mode!r} needs {section} in the config.')
-    options = getattr(config, section)
-    if is_kmax:
-      check_crop_size(list(options.crop_size), f'{section}.crop_size')
-    if check_files:
-      check_file_pattern(options, section)
+  sections = [section for section, needed in (
+      ('train_dataset_options', 'train' in mode),
+      ('eval_dataset_options', 'eval' in mode)) if needed]
+  config_lib.validate(config, datasets=sections)
+  if check_files:
+    for section in sections:
+      check_file_pattern(getattr(config, section), section)
   if 'eval' in mode and config.eval_dataset_options.batch_size != 1:
-    raise ValueError('eval_dataset_options.batch_size is '
+    raise config_lib.ConfigError('eval_dataset_options.batch_size is '
                      f'{config.eval_dataset_options.batch_size}; evaluation '
                      'runs one image per batch (set it to 1).')
   return config
@@ -253,6 +249,7 @@ def run_experiment(mode: str,
   is_chief = checkpoints_lib.is_chief(strategy)
   if is_chief:
     tf.io.gfile.makedirs(model_dir)
+    temp_files.remove_stale(model_dir, STALE_CHECKPOINT_WRITES)
 
   training = 'train' in mode
   solver = config.trainer_options.solver_options
@@ -295,7 +292,10 @@ def run_experiment(mode: str,
           # Every worker runs the forward pass (it may read sync-on-read
           # variables collectively); only the chief has a real writer.
           image_summary_interval=config.trainer_options.save_summaries_steps,
-          strategy=strategy)
+          strategy=strategy,
+          progress_log=progress_log.ProgressLog(
+              os.path.join(model_dir, progress_log.JSONL_FILENAME)
+              if is_chief else None))
     if 'eval' in mode:
       evaluator = kmax_evaluator.KMaXEvaluator(
           model, builders.dataset(eval_options, False), eval_info,
@@ -306,7 +306,9 @@ def run_experiment(mode: str,
           write_files=is_chief,
           extra_metrics=evaluation_hooks(config.evaluator_options, eval_info,
                                          model_dir, is_chief),
-          use_tf_function=config.evaluator_options.use_tf_function)
+          use_tf_function=config.evaluator_options.use_tf_function,
+          official_panoptic_quality=(
+              config.evaluator_options.official_panoptic_quality))
 
   checkpoint_class = (tf.train.Checkpoint if training else
                       checkpoints_lib.EvaluationCheckpoint)
@@ -338,24 +340,27 @@ def run_experiment(mode: str,
       max_to_keep=trainer_options.num_checkpoints_to_keep,
       save_every_n_steps=trainer_options.save_checkpoints_steps,
       strategy=strategy, init_fn=init_fn)
-  controller = orbit.Controller(
-      strategy=strategy,
-      trainer=trainer,
-      evaluator=evaluator,
-      global_step=global_step,
-      steps_per_loop=(aligned_steps_per_loop(
-          trainer_options.steps_per_loop,
-          [trainer_options.save_checkpoints_steps,
-           trainer_options.save_summaries_steps]) if training else None),
-      checkpoint_manager=manager,
-      summary_dir=os.path.join(model_dir, 'train') if is_chief else None,
-      eval_summary_dir=os.path.join(model_dir, 'eval') if is_chief else None)
+  # Orbit logs (and prints) while it restores; see progress_log.
+  with progress_log.quiet_orbit():
+    controller = orbit.Controller(
+        strategy=strategy,
+        trainer=trainer,
+        evaluator=evaluator,
+        global_step=global_step,
+        steps_per_loop=(aligned_steps_per_loop(
+            trainer_options.steps_per_loop,
+            [trainer_options.save_checkpoints_steps,
+             trainer_options.save_summaries_steps]) if training else None),
+        checkpoint_manager=manager,
+        summary_dir=os.path.join(model_dir, 'train') if is_chief else None,
+        eval_summary_dir=os.path.join(model_dir, 'eval') if is_chief else None)
 
   total_steps = solver.training_number_of_steps
   evaluator_options = config.evaluator_options
   eval_steps = evaluator_options.eval_steps
   result = None
-  with strategy.scope():
+  # One readable line per loop at INFO (progress_log), not Orbit's dicts.
+  with strategy.scope(), progress_log.quiet_orbit():
     if training and int(global_step.numpy()) == 0:
       controller.save_checkpoint()  # Step 0, so intervals count from here.
     if mode == 'train':
