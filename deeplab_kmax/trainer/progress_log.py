@@ -254,5 +254,18 @@ def quiet_orbit() -> Iterator[None]:
       controller._log = original  # pylint: disable=protected-access
 
 
+# Orbit messages a person needs once per run (which checkpoint it resumed
+# from) stay at INFO; where a train call starts and ends is printed to
+# stdout only (once per call, as Orbit does), the rest goes to DEBUG.
+KEPT_ORBIT_MESSAGES = ('restored from checkpoint', 'restored model from')
+PRINTED_ORBIT_MESSAGES = ('training until step',)
+
+
 def _debug(message: str) -> None:
+  if any(kept in message for kept in KEPT_ORBIT_MESSAGES):
+    logging.info('%s', message)
+    print(message, flush=True)
+    return
   logging.debug('%s', message)
+  if any(printed in message for printed in PRINTED_ORBIT_MESSAGES):
+    print(message, flush=True)

@@ -126,6 +126,8 @@ def test_spatial_softmax_block_ignores_the_assignment_logits():
   assert predictions[kca.MASK_LOGITS_KEY].shape == (1, HEIGHT, WIDTH, CENTERS)
   stub.logits = tf.constant(_logits(9, (1, HEIGHT, WIDTH, CENTERS)))
   same, _ = layer(pixels, centers)
+  # Exact on purpose: the same layer, weights and inputs in one process run
+  # the same kernels; only the ignored logits changed.
   np.testing.assert_array_equal(same, base)
   names = {v.name.split('/')[1] for v in layer.trainable_variables}
   assert {'cross_query_conv_bn', 'pixel_key_conv_bn'} <= names
@@ -208,6 +210,8 @@ def test_default_is_cluster_argmax_and_identical():
   assert names == sorted(v.name for v in explicit.variables)
   a, aux_a = default(pixels, centers)
   b, aux_b = explicit(pixels, centers)
+  # Exact on purpose: two layers with the same weights and code path run
+  # the same kernels on the same inputs in one process.
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(aux_a[kca.MASK_LOGITS_KEY],
                                 aux_b[kca.MASK_LOGITS_KEY])
