@@ -44,12 +44,7 @@ def main(argv):
       treat_crowd_as_ignore=_FLAGS.treat_crowd_as_ignore.value)
   tasks = {split: panoptic_conversion.cityscapes_tasks(root, split)
            for split in splits}
-  written = panoptic_conversion.write_splits(
-      tasks, spec, _FLAGS.output_dir.value, _FLAGS.num_shards.value,
-      _FLAGS.num_workers.value)
-  for split, shards in written.items():
-    print(f'{split}: {len(tasks[split])} images, {len(shards)} shards in '
-          f'{_FLAGS.output_dir.value}')
+  _FLAGS.convert(tasks, spec)
 
 
 if __name__ == '__main__':

@@ -20,6 +20,17 @@ class ConverterFlags:
   num_workers: flags.FlagHolder
   treat_crowd_as_ignore: flags.FlagHolder
 
+  def convert(self, tasks, spec) -> None:
+    """Writes every split's shards (`panoptic_conversion.write_splits`)
+    and prints a line per split."""
+    from deeplab_kmax.data import panoptic_conversion  # pylint: disable=g-import-not-at-top
+    written = panoptic_conversion.write_splits(
+        tasks, spec, self.output_dir.value, self.num_shards.value,
+        self.num_workers.value)
+    for split, shards in written.items():
+      print(f'{split}: {len(tasks[split])} images, {len(shards)} shards in '
+            f'{self.output_dir.value}')
+
 
 def define_converter_flags(root_flag: str, root_help: str,
                            num_shards: int) -> ConverterFlags:
