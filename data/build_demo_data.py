@@ -2,10 +2,11 @@ r"""Builds the synthetic demo dataset (no download) and its TFRecords.
 
   python data/build_demo_data.py --output_dir=demo_output/data
 
-renders a few hundred 128x128 COCO-panoptic-format scenes (textured sky,
-grass and water; discs, squares and triangles that occlude each other; crowd
-clusters and unlabelled debris), converts them with the COCO converter and
-writes the dataset descriptor. Deterministic given --seed. Output:
+renders about a thousand 128x128 COCO-panoptic-format scenes (textured
+sky, grass and water; discs, squares and triangles that occlude and touch
+each other; crowd clusters and unlabelled debris), converts them with the
+COCO converter and writes the dataset descriptor. Deterministic given
+--seed. Output:
 
   demo_output/data/tfrecord/{train,val}-*.tfrecord,
   demo_output/data/demo_shapes.json (dataset descriptor),
@@ -30,7 +31,7 @@ from deeplab_kmax.data import panoptic_conversion  # pylint: disable=g-import-no
 
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', 'demo_output/data',
                                   'Where to write the dataset.')
-_NUM_TRAIN = flags.DEFINE_integer('num_train', 256, 'Training images.')
+_NUM_TRAIN = flags.DEFINE_integer('num_train', 1000, 'Training images.')
 _NUM_VAL = flags.DEFINE_integer('num_val', 64, 'Validation images.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
 _HEIGHT = flags.DEFINE_integer('height', 128, 'Image height.')

@@ -233,11 +233,33 @@ def draw_segment_names(image: np.ndarray, panoptic: np.ndarray,
   return np.asarray(canvas)
 
 
+def upscale_for_display(image: np.ndarray, panoptic: np.ndarray,
+                        min_long_side: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Enlarges a small image and its map by a whole factor for viewing.
+
+  The map is repeated pixel by pixel (ids stay ids, borders stay sharp); the
+  image is resampled smoothly. Text drawn afterwards is then small relative
+  to the segments instead of covering half of a 128-pixel picture.
+  """
+  image = _as_rgb_uint8(image)
+  panoptic = np.asarray(panoptic)
+  long_side = max(panoptic.shape[:2])
+  factor = -(-int(min_long_side) // long_side) if long_side else 1
+  if factor <= 1:
+    return image, panoptic
+  height, width = panoptic.shape[:2]
+  resized = Image.fromarray(image).resize((width * factor, height * factor),
+                                          Image.Resampling.BICUBIC)
+  return (np.asarray(resized),
+          np.repeat(np.repeat(panoptic, factor, axis=0), factor, axis=1))
+
+
 def visualize_panoptic(image: np.ndarray, panoptic: np.ndarray,
                        info: dataset_info_lib.DatasetInfo,
                        scores: Optional[Mapping[int, float]] = None,
                        alpha: float = 0.6,
-                       draw_names: bool = True) -> np.ndarray:
+                       draw_names: bool = True,
+                       min_long_side: int = 0) -> np.ndarray:
   """The human-facing picture: overlay, borders and class names.
 
   Args:
@@ -247,10 +269,14 @@ def visualize_panoptic(image: np.ndarray, panoptic: np.ndarray,
     scores: optional {panoptic id: score} written after the names.
     alpha: weight of the segment colours.
     draw_names: write class names into the segments.
+    min_long_side: enlarge smaller pictures by a whole factor until their
+      long side reaches this (0: keep the input size).
 
   Returns:
-    [H, W, 3] uint8.
+    [H', W', 3] uint8 (the input size unless enlarged).
   """
+  if min_long_side:
+    image, panoptic = upscale_for_display(image, panoptic, min_long_side)
   picture = panoptic_overlay(image, panoptic, info.panoptic_label_divisor,
                              dataset_colormap(info), info.ignore_label, alpha)
   if draw_names:
@@ -258,6 +284,38 @@ def visualize_panoptic(image: np.ndarray, panoptic: np.ndarray,
                                  info.panoptic_label_divisor, info.class_names,
                                  info.ignore_label, scores)
   return picture
+
+
+def titled_grid(rows: Sequence[Sequence[np.ndarray]],
+                titles: Sequence[str], gap: int = 6,
+                background: Color = (255, 255, 255)) -> np.ndarray:
+  """Pictures in a grid under one title per column, e.g. image | truth |
+  prediction for a few images; every picture of a column has its width."""
+  if not rows or any(len(row) != len(titles) for row in rows):
+    raise ValueError(f'Expected rows of {len(titles)} pictures (one per '
+                     f'title {list(titles)}).')
+  rows = [[_as_rgb_uint8(picture) for picture in row] for row in rows]
+  widths = [max(row[c].shape[1] for row in rows) for c in range(len(titles))]
+  heights = [max(picture.shape[0] for picture in row) for row in rows]
+  font = _font(heights[0], sum(widths))
+  title_height = int(font.size * 1.8) if hasattr(font, 'size') else 20
+  sheet = Image.new('RGB', (sum(widths) + gap * (len(widths) + 1),
+                            title_height + sum(heights) + gap * len(rows)),
+                    background)
+  draw = ImageDraw.Draw(sheet)
+  left = gap
+  for title, width in zip(titles, widths):
+    draw.text((left + width // 2, title_height // 2), title, fill=(0, 0, 0),
+              font=font, anchor='mm')
+    left += width + gap
+  top = title_height
+  for row, height in zip(rows, heights):
+    left = gap
+    for picture, width in zip(row, widths):
+      sheet.paste(Image.fromarray(picture), (left, top))
+      left += width + gap
+    top += height + gap
+  return np.asarray(sheet)
 
 
 def segment_color_legend(panoptic: np.ndarray,

@@ -1,9 +1,10 @@
 """A synthetic COCO-panoptic-format dataset: no download, seconds to build.
 
 Scenes are 128x128 by default: textured stuff (sky with clouds, grass, a lake
-of rippled water) under a wavy horizon, several thing instances (discs,
-squares, triangles) with their own colours and patterns that occlude one
-another, sometimes a crowd (a cluster of small discs annotated as one iscrowd
+of rippled water) under a wavy horizon, two to five thing instances (discs,
+squares, triangles) that occlude one another and often touch a shape of the
+same class, each coloured from its class's (overlapping) colour family with a
+random pattern, sometimes a crowd (a cluster of small discs annotated as one iscrowd
 segment) and sometimes unlabelled debris (void). Files follow COCO's panoptic
 layout exactly, with gappy category ids like COCO's, so the demo exercises
 the same converter, category remapping and crowd handling as real data:
@@ -28,6 +29,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from deeplab_kmax.data import coco_panoptic
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import panoptic_conversion
 from deeplab_kmax.data import shard_files
@@ -45,7 +47,13 @@ _CLASSES = (
     (6, 23, 'water', False, (30, 80, 160)),
 )
 _SPLIT_ID_BASE = {'train': 0, 'val': 500_000}
-_MIN_AREA = 12  # Instances occluded below this many pixels are dropped.
+# Instances occluded below this many pixels are dropped: at the model's
+# stride-4 mask resolution they would cover about two mask pixels.
+_MIN_AREA = 40
+# Shape sizes (the radius of the circumscribed circle at 128x128): big enough
+# that a narrow network tells a disc from a square at stride 4.
+_THING_RADIUS = (11.0, 24.0)
+_TOUCHING_PROBABILITY = 0.4
 
 
 def dataset_info() -> dataset_info_lib.DatasetInfo:
@@ -135,42 +143,84 @@ def _shape_mask(canvas: _Canvas, kind: str, cy: float, cx: float,
   if kind == 'square':
     return (np.abs(u) <= radius * 0.85) & (np.abs(v) <= radius * 0.85)
   # Equilateral triangle: inside three half-planes.
+  # Inradius 0.7 r: a triangle's area (2.5 r^2) then comes close to the
+  # square's (2.9 r^2) and the disc's (3.1 r^2).
   inside = np.ones_like(u, bool)
   for k in range(3):
     theta = angle + np.pi / 2 + k * 2 * np.pi / 3
-    inside &= (dx * np.cos(theta) + dy * np.sin(theta)) <= radius * 0.5
+    inside &= (dx * np.cos(theta) + dy * np.sin(theta)) <= radius * 0.7
   return inside
 
 
-def _thing_texture(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
-  base = rng.uniform(30, 255, 3)
-  other = rng.uniform(30, 255, 3)
-  period = rng.uniform(3, 8)
+# The colour family typical of each thing class (hue ranges in degrees that
+# overlap their neighbours', like fruit or traffic signs), with random
+# saturation, brightness and pattern: colour is a strong cue but not a
+# certain one, and the outline still matters where the ranges overlap.
+_CLASS_HUES = {'disc': (-40.0, 50.0), 'square': (40.0, 170.0),
+               'triangle': (160.0, 300.0)}
+
+
+def _hue_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
+  hue = (hue % 360.0) / 60.0
+  chroma = value * saturation
+  x = chroma * (1 - abs(hue % 2 - 1))
+  rgb = [(chroma, x, 0), (x, chroma, 0), (0, chroma, x), (0, x, chroma),
+         (x, 0, chroma), (chroma, 0, x)][int(hue) % 6]
+  return (np.array(rgb) + value - chroma) * 255.0
+
+
+def _thing_texture(canvas: _Canvas, rng: np.random.Generator,
+                   kind: str) -> np.ndarray:
+  """A colour from the class's family, plain or with a random pattern."""
+  hue = rng.uniform(*_CLASS_HUES[kind])
+  base = _hue_to_rgb(hue, rng.uniform(0.45, 0.95), rng.uniform(0.55, 0.95))
+  other = _hue_to_rgb(hue + rng.uniform(-20, 20), rng.uniform(0.2, 0.9),
+                      rng.uniform(0.35, 0.95))
   pattern = rng.integers(3)
+  period = rng.uniform(3, 6)
   if pattern == 0:  # Stripes.
-    wave = np.sin((canvas.xx + canvas.yy) / period) > 0
+    angle = rng.uniform(0, np.pi)
+    wave = np.sin((canvas.xx * np.cos(angle) + canvas.yy * np.sin(angle))
+                  / period) > 0
   elif pattern == 1:  # Checker.
     wave = ((canvas.xx // period).astype(int) +
             (canvas.yy // period).astype(int)) % 2 == 0
-  else:  # Plain with shading.
+  else:  # Plain.
     wave = np.zeros_like(canvas.xx, bool)
-  return np.where(wave[..., None], other, base)
+  texture = np.where(wave[..., None], other, base)
+  shading = 1.0 + 0.15 * (canvas.yy / canvas.height - 0.5)[..., None]
+  return texture * shading
 
 
 def _things(canvas: _Canvas, rng: np.random.Generator, ids: List[int]):
+  """2-5 shapes; some placed touching an earlier shape of the same kind.
+
+  Touching same-class pairs are what instance separation is about: their
+  union is one connected region of one class, and only the outlines tell
+  the instances apart.
+  """
   segments = []
   scale = min(canvas.height, canvas.width) / 128
-  for _ in range(rng.integers(2, 7)):
-    kind = ('disc', 'square', 'triangle')[rng.integers(3)]
-    radius = rng.uniform(6, 22) * scale
-    cy = rng.uniform(0.25, 1.0) * canvas.height
-    cx = rng.uniform(0, canvas.width)
+  placed = []  # (kind, cy, cx, radius)
+  for _ in range(rng.integers(2, 6)):
+    radius = rng.uniform(*_THING_RADIUS) * scale
+    if placed and rng.random() < _TOUCHING_PROBABILITY:
+      kind, py, px, pr = placed[rng.integers(len(placed))]
+      direction = rng.uniform(0, 2 * np.pi)
+      distance = (pr + radius) * rng.uniform(0.8, 0.95)
+      cy, cx = py + distance * np.sin(direction), px + distance * np.cos(
+          direction)
+    else:
+      kind = ('disc', 'square', 'triangle')[rng.integers(3)]
+      cy = rng.uniform(0.3, 0.95) * canvas.height
+      cx = rng.uniform(0.1, 0.9) * canvas.width
     mask = _shape_mask(canvas, kind, cy, cx, radius, rng.uniform(0, np.pi))
     if mask.sum() < _MIN_AREA:
       continue
     segment_id = ids.pop()
-    canvas.paint(mask, _thing_texture(canvas, rng), segment_id)
+    canvas.paint(mask, _thing_texture(canvas, rng, kind), segment_id)
     segments.append((segment_id, kind, False))
+    placed.append((kind, cy, cx, radius))
   return segments
 
 
@@ -258,9 +308,8 @@ def write_coco_split(coco_root: str, split: str, num_images: int, seed: int,
         (seed, _SPLIT_ID_BASE[split], index), height, width)
     Image.fromarray(rgb).save(os.path.join(image_folder, stem + '.jpg'),
                               quality=95)
-    png = np.stack([segment_ids % 256, segment_ids // 256 % 256,
-                    segment_ids // 65536], -1).astype(np.uint8)
-    Image.fromarray(png).save(os.path.join(png_folder, stem + '.png'))
+    Image.fromarray(coco_panoptic.encode_segment_ids(segment_ids)).save(
+        os.path.join(png_folder, stem + '.png'))
     images.append({'id': image_id, 'file_name': stem + '.jpg',
                    'height': height, 'width': width})
     annotations.append({'image_id': image_id, 'file_name': stem + '.png',
@@ -276,7 +325,7 @@ def write_coco_split(coco_root: str, split: str, num_images: int, seed: int,
   return json_path
 
 
-def build(output_dir: str, num_train: int = 256, num_val: int = 64,
+def build(output_dir: str, num_train: int = 1000, num_val: int = 64,
           seed: int = 0, height: int = 128, width: int = 128,
           num_shards: int = 4, num_workers: int = 1,
           show_progress: bool = False) -> Dict[str, object]:
