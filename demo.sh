@@ -38,6 +38,12 @@ print(f"step {report['step']}, {report['num_examples']} images: "
       f"PQ_stuff {100 * m['evaluation/pq/PQ_stuff']:.1f}  "
       f"mIoU {100 * m['evaluation/iou/mIoU']:.1f}  "
       f"AP {100 * m.get('evaluation/ap/AP', 0.0):.1f}")
+print(f"{'class':<10} {'kind':<6} {'PQ':>5} {'SQ':>5} {'RQ':>5} "
+      f"{'TP':>4} {'FN':>4} {'FP':>4}")
+for name, row in report.get('panoptic_quality_per_class', {}).items():
+  print(f"{name:<10} {'thing' if row['is_thing'] else 'stuff':<6} "
+        f"{100 * row['PQ']:5.1f} {100 * row['SQ']:5.1f} {100 * row['RQ']:5.1f} "
+        f"{row['TP']:4.0f} {row['FN']:4.0f} {row['FP']:4.0f}")
 PY
 
 echo "== 5/5 SavedModel export and rendered predictions"
@@ -45,7 +51,14 @@ python3 trainer/export_model.py --config_file="$CONFIG" \
   --checkpoint_path="$OUT/model/kmax_demo" --output_path="$OUT/saved_model/1" \
   --overwrite
 python3 -m deeplab_kmax.predict --saved_model="$OUT/saved_model/1" \
-  --inputs="$DEMO_DIR/coco/val2017/00000050000[1-4].jpg" \
+  --inputs="$DEMO_DIR/coco/val2017/00000050000[1-6].jpg" \
   --output_dir="$OUT/predictions"
+python3 -m deeplab_kmax.comparison_sheet --predictions="$OUT/predictions" \
+  --ground_truth="$DEMO_DIR/coco/annotations/panoptic_val2017.json" \
+  --images="$DEMO_DIR/coco/val2017" \
+  --dataset_descriptor="$DEMO_DIR/demo_shapes.json" \
+  --output="$OUT/predictions/comparison.png"
 
-echo "done in $(( $(date +%s) - START )) s: overlays in $OUT/predictions/*_overlay.png"
+echo "done in $(( $(date +%s) - START )) s: overlays in $OUT/predictions/*_overlay.png,"
+echo "image | ground truth | prediction in $OUT/predictions/comparison.png"
+echo "try it in a browser (pip install -e \".[app]\" first): DEMO_DIR=$DEMO_DIR python3 -m deeplab_kmax.app --config_file=$CONFIG --checkpoint_path=$OUT/model/kmax_demo --examples_dir=$DEMO_DIR/coco/val2017  then open http://127.0.0.1:7860"

@@ -26,6 +26,7 @@ CONSOLE_SCRIPTS = [
     'kmax-train = deeplab_kmax.trainer.train:run',
     'kmax-export = deeplab_kmax.export.export_cli:run',
     'kmax-predict = deeplab_kmax.predict:run',
+    'kmax-app = deeplab_kmax.app:run',
 ]
 
 setuptools.setup(
@@ -44,9 +45,16 @@ setuptools.setup(
     extras_require={
         # cityscapesscripts: the official panoptic script (panopticapi's
         # pq_compute) that tests/evaluation scores predictions with.
+        # playwright: drives a headless Chromium through the app's page
+        # (tests/test_app.py; the browser itself comes from the system).
         'test': ['pytest', 'pytest-xdist', 'grpcio-tools',
-                 'cityscapesscripts>=2.2'],
+                 'cityscapesscripts>=2.2', 'playwright'],
         # ONNX export of the network (trainer/export_model.py --onnx_path).
         'onnx': ['tf2onnx>=1.17.0', 'onnxruntime>=1.31.1'],
+        # The try-a-model web page (python -m deeplab_kmax.app, kmax-app).
+        'app': ['gradio>=5.0'],
+        # Video input of the predict CLI: frames in, overlay video out
+        # (imageio-ffmpeg ships its own ffmpeg binary).
+        'video': ['imageio-ffmpeg>=0.5'],
     },
 )

@@ -45,8 +45,9 @@ _OVERRIDES = flags.DEFINE_multi_string('config_override', [],
 
 def main(argv):
   del argv
-  config = config_lib.load_for_inference(_CONFIG_FILE.value,
-                                         _OVERRIDES.value or ())
+  config = config_lib.load_experiment(_CONFIG_FILE.value,
+                                     _OVERRIDES.value or (),
+                                     mode=config_lib.INFERENCE)
   module = model_loading.build_serving_module_from_checkpoint(
       config, _CHECKPOINT.value)
   size = tflite_export.parse_size(_SIZE.value) if _SIZE.value else None

@@ -1,4 +1,4 @@
-"""Checkpoint keys, initial-checkpoint loading and partial restores.
+"""Checkpoint keys and the one way model weights are read from a checkpoint.
 
 A TF2 object-based checkpoint names each variable by the attribute path that
 reaches it from the root (`encoder/_stage2/_block1/_conv1_bn_act/_conv/kernel`),
@@ -6,12 +6,24 @@ found breadth-first. `variables_by_key` recomputes that mapping in memory, so
 that we can restore variable by variable: skip layers whose shape depends on
 the label set, restore whatever sub-modules a checkpoint has (a backbone-only
 checkpoint, say), and report exactly what was and was not restored.
+
+`restore_model` is what every caller uses, with a `RestoreMode` that says
+what the restore is for (a trainer resuming its own run reads its whole
+checkpoint through `tf.train.CheckpointManager` instead):
+
+  mode                  last layers              missing variables
+  fine_tune             as the caller chooses    kept initialised, warned
+  resume_or_evaluate    restored                 kept initialised, warned
+  strict_inference      restored                 IncompleteCheckpointError
+
+In every mode a checkpoint that shares no variable with the model is an
+IncompleteCheckpointError.
 """
 
 import collections
 import dataclasses
 import re
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 from absl import logging
 import tensorflow as tf
@@ -140,17 +152,80 @@ def resolve_checkpoint_path(path: str) -> str:
   return path
 
 
-def initial_checkpoint_skip_patterns(
-    restore_semantic_last_layer: bool = True,
-    restore_class_last_layer: bool = True) -> Tuple[str, ...]:
-  """Key patterns to leave untouched when fine-tuning on another label set."""
-  patterns = ()
-  if not restore_semantic_last_layer:
-    patterns += SEMANTIC_LAST_LAYER
-  if not restore_class_last_layer:
-    patterns += CLASS_LAST_LAYER
-  return patterns
+class IncompleteCheckpointError(ValueError):
+  """The checkpoint lacks variables that the restore mode requires."""
 
 
-def log_report(report: RestoreReport, path: Optional[str] = None) -> None:
-  logging.info('Initial checkpoint %s: %s', path or '', report.summary())
+@dataclasses.dataclass(frozen=True)
+class RestoreMode:
+  """What a restore is for; build one with the class methods."""
+  name: str
+  restore_semantic_last_layer: bool = True
+  restore_class_last_layer: bool = True
+  allow_missing: bool = True
+
+  @classmethod
+  def fine_tune(cls, restore_semantic_last_layer: bool,
+                restore_class_last_layer: bool) -> 'RestoreMode':
+    """Initialises a model for training (`model_options.initial_checkpoint`).
+
+    The last layers are class-count specific: skip them when the label set
+    differs from the checkpoint's.
+    """
+    return cls('fine-tune', restore_semantic_last_layer,
+               restore_class_last_layer)
+
+  @classmethod
+  def resume_or_evaluate(cls) -> 'RestoreMode':
+    """Reads a checkpoint of the same experiment: every layer it holds."""
+    return cls('resume-or-evaluate')
+
+  @classmethod
+  def strict_inference(cls, allow_partial: bool = False) -> 'RestoreMode':
+    """Export and prediction: inference must not run half-initialised
+    weights, so every model variable must be in the checkpoint."""
+    return cls('strict inference', allow_missing=allow_partial)
+
+  @property
+  def skip_patterns(self) -> Tuple[str, ...]:
+    """Key patterns this mode leaves untouched."""
+    patterns = ()
+    if not self.restore_semantic_last_layer:
+      patterns += SEMANTIC_LAST_LAYER
+    if not self.restore_class_last_layer:
+      patterns += CLASS_LAST_LAYER
+    return patterns
+
+
+def restore_model(items: Mapping[str, tf.Module], checkpoint_path: str,
+                  mode: RestoreMode) -> RestoreReport:
+  """Restores the model `items` (`model.checkpoint_items`) as `mode` says.
+
+  Accepts a checkpoint prefix or a directory, DeepLab2's or ours (a trainer
+  checkpoint's optimizer state is ignored). Logs what it did.
+
+  Raises:
+    FileNotFoundError: no checkpoint at `checkpoint_path`.
+    ValueError: a value's shape differs from its variable's.
+    IncompleteCheckpointError: the checkpoint shares no variable with the
+      model, or (strict inference) lacks some.
+  """
+  report = restore(items, checkpoint_path, skip_patterns=mode.skip_patterns)
+  logging.info('%s restore from %s: %s', mode.name, checkpoint_path,
+               report.summary())
+  if report.missing and not mode.allow_missing:
+    listed = '\n  '.join(report.missing[:10])
+    raise IncompleteCheckpointError(
+        f'{checkpoint_path} lacks {len(report.missing)} of the model\'s '
+        f'variables ({report.missing_by_item()}), e.g.\n  {listed}\n'
+        'Is it a checkpoint of this config (same backbone and dataset)? '
+        'Pass --allow_partial_checkpoint to export anyway.')
+  if not report.restored:
+    raise IncompleteCheckpointError(
+        f'Checkpoint {checkpoint_path!r} shares no variable with the model; '
+        'is it a kMaX-DeepLab / DeepLab2 checkpoint of the same backbone?')
+  if report.missing:
+    logging.warning('%d model variables were not in %s and keep their '
+                    'initialisation, e.g. %s', len(report.missing),
+                    checkpoint_path, report.missing[:5])
+  return report

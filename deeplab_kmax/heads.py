@@ -26,37 +26,14 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import tensorflow as tf
 import tf_keras
 
+from deeplab_kmax import keys
 from deeplab_kmax.layers import aspp as aspp_lib
 from deeplab_kmax.layers import convolutions
 from deeplab_kmax.layers import normalization
+from deeplab_kmax.ops import resize
 
-# Output keys shared with DeepLab2.
-SEMANTIC_LOGITS = 'semantic_logits'
-PIXEL_SPACE_NORMALIZED_FEATURE = 'pixel_space_normalized_feature'
-PIXEL_SPACE_MASK_LOGITS = 'pixel_space_mask_logits'
-TRANSFORMER_CLASS_LOGITS = 'transformer_class_logits'
-AUXILIARY_OUTPUTS = 'auxiliary_outputs_pred'
-
-# Input keys produced by the transformer decoder.
-FEATURE_PANOPTIC = 'feature_panoptic'
-FEATURE_SEMANTIC = 'feature_semantic'
-TRANSFORMER_CLASS_FEATURE = 'transformer_class_feature'
-TRANSFORMER_MASK_FEATURE = 'transformer_mask_feature'
-
-DEFAULT_LOW_LEVEL = (('res3', 64), ('res2', 32))
-
-
-def transformer_class_head_num_classes(semantic_num_classes: int,
-                                       ignore_label: int) -> int:
-  """Channels of the class head: the semantic classes plus void.
-
-  COCO counts void among its 134 semantic classes (ignore label 0), so the
-  class head has 134 outputs; Cityscapes has 19 classes and ignore label 255,
-  so void is added as a 20th output.
-  """
-  if ignore_label >= semantic_num_classes:
-    return semantic_num_classes + 1
-  return semantic_num_classes
+DEFAULT_LOW_LEVEL = ((keys.encoder_activation(3), 64),
+                     (keys.encoder_activation(2), 32))
 
 
 def void_logit_bias(num_classes: int, void_prior_prob: float = 0.9) -> float:
@@ -129,7 +106,7 @@ class SemanticDecoder(tf_keras.layers.Layer):
   """
 
   def __init__(self,
-               high_level_feature_key: str = FEATURE_SEMANTIC,
+               high_level_feature_key: str = keys.FEATURE_SEMANTIC,
                low_level: Sequence[Tuple[str, int]] = DEFAULT_LOW_LEVEL,
                aspp_channels: int = 256,
                decoder_channels: int = 256,
@@ -178,7 +155,7 @@ class SemanticDecoder(tf_keras.layers.Layer):
     for index, key in enumerate(self._low_level_keys):
       low = getattr(self, f'_low_level_conv{index + 1}')(
           self._low_level_feature(features, key), training=training)
-      x = aspp_lib.bilinear_align_corners(x, tf.shape(low)[1:3])
+      x = resize.bilinear(x, tf.shape(low)[1:3])
       x = tf.concat([x, low], axis=3)
       x = getattr(self, f'_fusion_conv{index + 1}')(x, training=training)
     return x
@@ -208,11 +185,10 @@ class MaXDeepLabHead(tf_keras.layers.Layer):
                decoder_channels: int = 256,
                atrous_rates: Sequence[int] = (6, 12, 18),
                low_level: Sequence[Tuple[str, int]] = DEFAULT_LOW_LEVEL,
-               high_level_feature_key: str = FEATURE_SEMANTIC,
+               high_level_feature_key: str = keys.FEATURE_SEMANTIC,
                head_conv_type: str = 'depthwise_separable_conv',
                decoder_conv_type: str = 'depthwise_separable_conv',
                activation: str = 'gelu',
-               use_sync_batchnorm: bool = True,
                bn_layer: Optional[normalization.NormLayer] = None,
                void_prior_prob: float = 0.9,
                name: str = 'max_deeplab_head'):
@@ -220,7 +196,7 @@ class MaXDeepLabHead(tf_keras.layers.Layer):
 
     Args:
       num_classes: outputs of the class head, void included (134 on COCO,
-        20 on Cityscapes; see `transformer_class_head_num_classes`).
+        20 on Cityscapes): `LabelSpace.class_head_outputs`.
       semantic_num_classes: outputs of the auxiliary semantic head, or None
         to build no semantic branch (the per-block auxiliary predictors).
       use_semantic_decoder: whether the semantic head sits on an ASPP +
@@ -237,27 +213,13 @@ class MaXDeepLabHead(tf_keras.layers.Layer):
       head_conv_type: 'depthwise_separable_conv' or 'standard_conv'.
       decoder_conv_type: conv type of the fusion convs.
       activation: activation of every conv block (kMaX uses gelu).
-      use_sync_batchnorm: synchronised batch norm across replicas.
-      bn_layer: overrides the batch norm constructor.
+      bn_layer: builds every batch norm (default: synchronised, DeepLab2's
+        momentum and epsilon).
       void_prior_prob: initial void probability defining the void bias.
       name: layer name.
     """
     super().__init__(name=name)
-    # Plain-value arguments, for get_config (a custom bn_layer is not saved).
-    self._config = dict(
-        num_classes=num_classes, semantic_num_classes=semantic_num_classes,
-        use_semantic_decoder=use_semantic_decoder,
-        pixel_space_head_channels=pixel_space_head_channels,
-        mask_embedding_channels=mask_embedding_channels,
-        semantic_head_channels=semantic_head_channels,
-        aspp_channels=aspp_channels, decoder_channels=decoder_channels,
-        atrous_rates=tuple(atrous_rates),
-        low_level=tuple(tuple(item) for item in low_level),
-        high_level_feature_key=high_level_feature_key,
-        head_conv_type=head_conv_type, decoder_conv_type=decoder_conv_type,
-        activation=activation, use_sync_batchnorm=use_sync_batchnorm,
-        void_prior_prob=void_prior_prob)
-    bn_layer = bn_layer or normalization.batch_norm_factory(use_sync_batchnorm)
+    bn_layer = bn_layer or normalization.batch_norm_factory()
     self._num_classes = num_classes
     self._void_prior_prob = void_prior_prob
     self._use_semantic_head = semantic_num_classes is not None
@@ -294,12 +256,12 @@ class MaXDeepLabHead(tf_keras.layers.Layer):
         name='pixel_space_feature_batch_norm', axis=-1,
         gamma_initializer=tf_keras.initializers.Constant(1.0))
     # A small initial gamma gives soft (low-temperature) initial masks.
+    # float32 under mixed precision too: these logits drive the k-means
+    # argmax, the matching and the losses.
     self._pixel_space_mask_batch_norm = bn_layer(
         name='pixel_space_mask_batch_norm', axis=-1,
-        gamma_initializer=tf_keras.initializers.Constant(0.1))
-
-  def get_config(self):
-    return {'name': self.name, **self._config}
+        gamma_initializer=tf_keras.initializers.Constant(0.1),
+        dtype='float32')
 
   @property
   def checkpoint_items(self) -> Dict[str, tf.Module]:
@@ -332,7 +294,7 @@ class MaXDeepLabHead(tf_keras.layers.Layer):
     if self._use_semantic_decoder:
       x = self._auxiliary_semantic_decoder(features, training=training)
     else:
-      x = _features_of(features, FEATURE_SEMANTIC, self.name)
+      x = _features_of(features, keys.FEATURE_SEMANTIC, self.name)
     return self._auxiliary_semantic_head(x, training=training)
 
   def pixel_space_normalized_feature(self, pixel_feature: tf.Tensor,
@@ -352,7 +314,9 @@ class MaXDeepLabHead(tf_keras.layers.Layer):
                               training=False) -> tf.Tensor:
     """Pixel-to-slot affinities [B, H, W, N]."""
     kernels = self._transformer_mask_head(mask_feature, training=training)
-    logits = tf.einsum('bhwe,bne->bhwn', normalized_feature, kernels)
+    logits = tf.einsum('bhwe,bne->bhwn', tf.cast(normalized_feature,
+                                                 tf.float32),
+                       tf.cast(kernels, tf.float32))  # float32 when mixed
     # One BN over a trailing singleton axis: gamma/beta shared by all slots.
     logits = self._pixel_space_mask_batch_norm(logits[..., None],
                                                training=training)
@@ -362,17 +326,17 @@ class MaXDeepLabHead(tf_keras.layers.Layer):
            training=False) -> Dict[str, tf.Tensor]:
     outputs = {}
     if self._use_semantic_head:
-      outputs[SEMANTIC_LOGITS] = self.semantic_logits(features, training)
+      outputs[keys.SEMANTIC_LOGITS] = self.semantic_logits(features, training)
     normalized = self.pixel_space_normalized_feature(
-        _features_of(features, FEATURE_PANOPTIC, self.name), training)
-    outputs[PIXEL_SPACE_NORMALIZED_FEATURE] = normalized
-    outputs[TRANSFORMER_CLASS_LOGITS] = self.transformer_class_logits(
-        _features_of(features, TRANSFORMER_CLASS_FEATURE, self.name),
+        _features_of(features, keys.FEATURE_PANOPTIC, self.name), training)
+    outputs[keys.PIXEL_SPACE_NORMALIZED_FEATURE] = normalized
+    outputs[keys.TRANSFORMER_CLASS_LOGITS] = self.transformer_class_logits(
+        _features_of(features, keys.TRANSFORMER_CLASS_FEATURE, self.name),
         training)
-    outputs[PIXEL_SPACE_MASK_LOGITS] = self.pixel_space_mask_logits(
+    outputs[keys.PIXEL_SPACE_MASK_LOGITS] = self.pixel_space_mask_logits(
         normalized,
-        _features_of(features, TRANSFORMER_MASK_FEATURE, self.name),
+        _features_of(features, keys.TRANSFORMER_MASK_FEATURE, self.name),
         training)
-    if AUXILIARY_OUTPUTS in features:
-      outputs[AUXILIARY_OUTPUTS] = features[AUXILIARY_OUTPUTS]
+    if keys.AUXILIARY_OUTPUTS in features:
+      outputs[keys.AUXILIARY_OUTPUTS] = features[keys.AUXILIARY_OUTPUTS]
     return outputs

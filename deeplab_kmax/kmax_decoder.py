@@ -1,6 +1,6 @@
 """kMaX transformer decoder: learned cluster centres refined by k-means blocks.
 
-The centres start from a learned [1, N, 256] table tiled over the batch and
+The centres start from a learned [1, N, C] table tiled over the batch and
 pass through k-means cross-attention blocks on pixel-decoder features from
 coarse to fine (by default 2 blocks each at strides 32, 16 and 8). The final
 centres are projected to class and mask embeddings for the prediction head.
@@ -25,6 +25,7 @@ import tensorflow as tf
 import tf_keras
 
 from deeplab_kmax import heads
+from deeplab_kmax import keys
 from deeplab_kmax.layers import cluster_assignment
 from deeplab_kmax.layers import clusterformer
 from deeplab_kmax.layers import cmt_clustering
@@ -33,9 +34,12 @@ from deeplab_kmax.layers import kmeans_cross_attention
 from deeplab_kmax.layers import normalization
 
 # Pixel-decoder outputs consumed, coarsest first (strides 32, 16, 8).
-STAGE_FEATURE_KEYS = ('decoder_stage1', 'decoder_stage2', 'decoder_stage3')
+STAGE_FEATURE_KEYS = tuple(keys.decoder_stage(i) for i in (1, 2, 3))
 STAGE_STRIDES = (32, 16, 8)
+# Centre width C and FFN width of the published models; the config's
+# transformer_decoder_width_multiplier scales both.
 CENTER_CHANNELS = 256
+FEED_FORWARD_CHANNELS = 2048
 # The block layer of each `cluster_decoder` choice.
 BLOCK_LAYERS = {
     cluster_assignment.KMAX: kmeans_cross_attention.KMaXTransformerLayer,
@@ -53,12 +57,11 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
                num_classes: int = 134,
                num_blocks: Sequence[int] = (2, 2, 2),
                drop_path_keep_prob: float = 1.0,
-               use_sync_batchnorm: bool = True,
                auxiliary_pixel_head_channels: int = 256,
                auxiliary_mask_embedding_channels: int = 128,
                auxiliary_head_conv_type: str = 'depthwise_separable_conv',
                num_heads: int = 8,
-               feed_forward_channels: int = 2048,
+               feed_forward_channels: int = FEED_FORWARD_CHANNELS,
                center_channels: int = CENTER_CHANNELS,
                activation: str = 'gelu',
                void_prior_prob: float = 0.9,
@@ -79,18 +82,17 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
       num_blocks: blocks at strides 32, 16 and 8.
       drop_path_keep_prob: drop-path keep probability of every block's
         residual branches (DeepLab2: 0.8 COCO/Cityscapes, 1.0 ADE20K).
-      use_sync_batchnorm: synchronised batch norm.
       auxiliary_pixel_head_channels: 5x5 conv width of the auxiliary pixel
         space heads.
       auxiliary_mask_embedding_channels: auxiliary pixel/mask embedding size.
       auxiliary_head_conv_type: conv type of the auxiliary pixel heads.
       num_heads: heads of the centres' self-attention.
       feed_forward_channels: hidden width of the centres' FFN.
-      center_channels: width of the cluster centres (256 in kMaX).
+      center_channels: width C of the cluster centres.
       activation: activation throughout (gelu).
       void_prior_prob: void prior of the auxiliary class logits.
-      bn_layer: overrides the batch norm built from `use_sync_batchnorm`
-        (e.g. to apply the config's momentum and epsilon).
+      bn_layer: builds every batch norm (default: synchronised, DeepLab2's
+        momentum and epsilon).
       cluster_decoder: block family, one of
         `cluster_assignment.CLUSTER_DECODERS` ('kmax', 'cmt',
         'clusterformer').
@@ -101,27 +103,13 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
       name: layer name.
     """
     super().__init__(name=name)
-    self._config = dict(
-        num_mask_slots=num_mask_slots, num_classes=num_classes,
-        num_blocks=tuple(num_blocks), drop_path_keep_prob=drop_path_keep_prob,
-        use_sync_batchnorm=use_sync_batchnorm,
-        auxiliary_pixel_head_channels=auxiliary_pixel_head_channels,
-        auxiliary_mask_embedding_channels=auxiliary_mask_embedding_channels,
-        auxiliary_head_conv_type=auxiliary_head_conv_type,
-        num_heads=num_heads, feed_forward_channels=feed_forward_channels,
-        center_channels=center_channels,
-        activation=activation, void_prior_prob=void_prior_prob,
-        cluster_decoder=cluster_decoder,
-        pixel_cluster_interaction=pixel_cluster_interaction,
-        clusterformer_iterations=clusterformer_iterations)
     cluster_assignment.check_choice(cluster_decoder,
                                     cluster_assignment.CLUSTER_DECODERS,
                                     'cluster_decoder')
     if len(num_blocks) != len(STAGE_STRIDES):
       raise ValueError(f'num_blocks needs one count per stride '
                        f'{STAGE_STRIDES}, got {list(num_blocks)}.')
-    bn_layer = bn_layer or normalization.batch_norm_factory(
-        use_sync_batchnorm)
+    bn_layer = bn_layer or normalization.batch_norm_factory()
     self._num_blocks = tuple(num_blocks)
 
     def auxiliary_predictor():
@@ -156,7 +144,7 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
     self._kmax_decoder = blocks
 
     # Checkpoint key `cluster_centers` (the weight's name).
-    self._cluster_centers = self.add_weight(  # [1, N, 256]
+    self._cluster_centers = self.add_weight(  # [1, N, C]
         name='cluster_centers', shape=(1, num_mask_slots, center_channels),
         initializer=tf_keras.initializers.TruncatedNormal(stddev=1.0),
         trainable=True)
@@ -168,9 +156,6 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
 
     self._class_embedding_projection = projection('class_embedding_projection')
     self._mask_embedding_projection = projection('mask_embedding_projection')
-
-  def get_config(self):
-    return {'name': self.name, **self._config}
 
   @property
   def blocks(self) -> List[kmeans_cross_attention.KMaXDecoderBlock]:
@@ -195,12 +180,12 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
     return {'transformer_decoder': self}
 
   def initial_cluster_centers(self, batch_size) -> tf.Tensor:
-    """The learned centres tiled to [batch_size, N, 256]."""
+    """The learned centres tiled to [batch_size, N, C]."""
     return tf.tile(self._cluster_centers, [batch_size, 1, 1])
 
   def embed(self, cluster_centers: tf.Tensor,
             training=False) -> Tuple[tf.Tensor, tf.Tensor]:
-    """Class and mask embeddings [B, N, 256] of the final centres."""
+    """Class and mask embeddings [B, N, C] of the final centres."""
     return (self._class_embedding_projection(cluster_centers,
                                              training=training),
             self._mask_embedding_projection(cluster_centers,
@@ -218,11 +203,11 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
 
     Returns:
       A copy of `features` plus `transformer_class_feature`,
-      `transformer_mask_feature` [B, N, 256], `feature_panoptic` (=
+      `transformer_mask_feature` [B, N, C], `feature_panoptic` (=
       decoder_output), `feature_semantic` (= stage5, when given) and
       `auxiliary_outputs_pred`, a tuple with one prediction dict per block.
     """
-    missing = [key for key in STAGE_FEATURE_KEYS + ('decoder_output',)
+    missing = [key for key in STAGE_FEATURE_KEYS + (keys.DECODER_OUTPUT,)
                if key not in features]
     if missing:
       raise KeyError(f'{self.name} needs pixel-decoder features {missing}; '
@@ -242,10 +227,10 @@ class KMaXTransformerDecoder(tf_keras.layers.Layer):
       auxiliary_outputs.append(predictions)
 
     class_feature, mask_feature = self.embed(centers, training=training)
-    outputs[heads.TRANSFORMER_CLASS_FEATURE] = class_feature
-    outputs[heads.TRANSFORMER_MASK_FEATURE] = mask_feature
-    outputs[heads.FEATURE_PANOPTIC] = features['decoder_output']
-    if 'stage5' in features:
-      outputs[heads.FEATURE_SEMANTIC] = features['stage5']
-    outputs[heads.AUXILIARY_OUTPUTS] = tuple(auxiliary_outputs)
+    outputs[keys.TRANSFORMER_CLASS_FEATURE] = class_feature
+    outputs[keys.TRANSFORMER_MASK_FEATURE] = mask_feature
+    outputs[keys.FEATURE_PANOPTIC] = features[keys.DECODER_OUTPUT]
+    if keys.encoder_stage(5) in features:
+      outputs[keys.FEATURE_SEMANTIC] = features[keys.encoder_stage(5)]
+    outputs[keys.AUXILIARY_OUTPUTS] = tuple(auxiliary_outputs)
     return outputs

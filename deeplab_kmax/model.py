@@ -22,6 +22,7 @@ import tf_keras
 
 from deeplab_kmax import checkpoint_io
 from deeplab_kmax import heads
+from deeplab_kmax import keys
 from deeplab_kmax import kmax_decoder
 from deeplab_kmax import pixel_decoder as pixel_decoder_lib
 from deeplab_kmax import post_processing
@@ -29,11 +30,9 @@ from deeplab_kmax.config import config_pb2
 from deeplab_kmax.config import resolve
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.layers import normalization
-from deeplab_kmax.layers import resized_fuse
+from deeplab_kmax.ops import resize
 from deeplab_kmax.pixel_encoder import axial_resnet
 from deeplab_kmax.pixel_encoder import convnext
-
-AUXILIARY_OUTPUTS = heads.AUXILIARY_OUTPUTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,17 +163,23 @@ class KMaXDeepLab(tf_keras.Model):
     return self._predictor(features, training=training)
 
   def call(self, images: tf.Tensor, training=False,
-           post_processing: bool = True) -> Dict[str, Any]:
-    images = tf.convert_to_tensor(images, tf.float32)
+           run_post_processing: bool = True) -> Dict[str, Any]:
+    """Training: raw outputs with the resized deep-supervision predictions.
+
+    Inference: the auxiliary predictions are dropped and, unless
+    `run_post_processing` is off, the merged maps (`panoptic_pred`, ...)
+    at the input size are added.
+    """
+    images = tf.cast(images, self.compute_dtype)  # float32 unless mixed
     outputs = self.predict_raw(images, training=training)
     if training:
-      outputs[AUXILIARY_OUTPUTS] = _resize_auxiliary_outputs(outputs)
+      outputs[keys.AUXILIARY_OUTPUTS] = _resize_auxiliary_outputs(outputs)
       return outputs
-    outputs.pop(AUXILIARY_OUTPUTS, None)
-    if post_processing:
+    outputs.pop(keys.AUXILIARY_OUTPUTS, None)
+    if run_post_processing:
       outputs.update(self._post_processor(
-          outputs[heads.PIXEL_SPACE_MASK_LOGITS],
-          outputs[heads.TRANSFORMER_CLASS_LOGITS],
+          outputs[keys.PIXEL_SPACE_MASK_LOGITS],
+          outputs[keys.TRANSFORMER_CLASS_LOGITS],
           output_size=tf.shape(images)[1:3]))
     return outputs
 
@@ -185,25 +190,23 @@ class KMaXDeepLab(tf_keras.Model):
     """Restores what a (DeepLab2 or own) checkpoint holds; reports the rest.
 
     The model must be built. Turn off the last-layer options to fine-tune
-    on a dataset with a different label set.
+    on a dataset with a different label set (`checkpoint_io.RestoreMode`).
     """
-    report = checkpoint_io.restore(
+    return checkpoint_io.restore_model(
         self.checkpoint_items, checkpoint_path,
-        skip_patterns=checkpoint_io.initial_checkpoint_skip_patterns(
-            restore_semantic_last_layer, restore_class_last_layer))
-    checkpoint_io.log_report(report, checkpoint_path)
-    return report
+        checkpoint_io.RestoreMode.fine_tune(restore_semantic_last_layer,
+                                            restore_class_last_layer))
 
 
 def _resize_auxiliary_outputs(outputs: Dict[str, Any]) -> Tuple[Dict, ...]:
   """Brings each block's pixel predictions to the final output stride."""
-  size = tf.shape(outputs[heads.PIXEL_SPACE_MASK_LOGITS])[1:3]
+  size = tf.shape(outputs[keys.PIXEL_SPACE_MASK_LOGITS])[1:3]
   resized = []
-  for prediction in outputs[AUXILIARY_OUTPUTS]:
+  for prediction in outputs[keys.AUXILIARY_OUTPUTS]:
     prediction = dict(prediction)
-    for key in (heads.PIXEL_SPACE_MASK_LOGITS,
-                heads.PIXEL_SPACE_NORMALIZED_FEATURE):
-      prediction[key] = resized_fuse.resize_align_corners(
+    for key in (keys.PIXEL_SPACE_MASK_LOGITS,
+                keys.PIXEL_SPACE_NORMALIZED_FEATURE):
+      prediction[key] = resize.bilinear_two_pass_if_narrow(
           prediction[key], size)
     resized.append(prediction)
   return tuple(resized)
@@ -245,9 +248,16 @@ def build_model(config: config_pb2.ExperimentOptions,
   center_channels = _scaled(kmax_decoder.CENTER_CHANNELS,
                             max_deeplab.transformer_decoder_width_multiplier)
 
+  label_space = dataset_info.label_space
   semantic_classes = max_deeplab.auxiliary_semantic_head.output_channels
-  num_classes = heads.transformer_class_head_num_classes(
-      semantic_classes, dataset_info.ignore_label)
+  if semantic_classes != label_space.num_classes:
+    raise ValueError(
+        'model_options.max_deeplab.auxiliary_semantic_head.output_channels is '
+        f'{semantic_classes} but dataset {dataset_info.name!r} has '
+        f'num_classes={label_space.num_classes} (its descriptor\'s '
+        'num_classes, void included when the ignore label is below it); '
+        'expected them equal.')
+  num_classes = label_space.class_head_outputs
   head_args = dict(
       num_classes=num_classes,
       pixel_space_head_channels=max_deeplab.pixel_space_head.head_channels,
@@ -269,7 +279,8 @@ def build_model(config: config_pb2.ExperimentOptions,
       bn_layer=bn_layer,
       center_channels=center_channels,
       feed_forward_channels=_scaled(
-          2048, max_deeplab.transformer_decoder_width_multiplier),
+          kmax_decoder.FEED_FORWARD_CHANNELS,
+          max_deeplab.transformer_decoder_width_multiplier),
       auxiliary_pixel_head_channels=max_deeplab.pixel_space_head.head_channels,
       auxiliary_mask_embedding_channels=(
           max_deeplab.pixel_space_head.output_channels),
@@ -290,10 +301,7 @@ def build_model(config: config_pb2.ExperimentOptions,
       decoder_conv_type=aspp_options.decoder_conv_type,
       **head_args)
   post_processor = post_processing.MaskWisePostProcessor.from_options(
-      config.evaluator_options,
-      thing_class_ids=tuple(dataset_info.class_has_instances_list),
-      ignore_label=int(dataset_info.ignore_label),
-      label_divisor=int(dataset_info.panoptic_label_divisor))
+      config.evaluator_options, label_space)
   model = KMaXDeepLab(encoder, pixel_decoder, transformer_decoder, predictor,
                       post_processor)
   if crop_size is None:

@@ -35,82 +35,12 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import tensorflow as tf
 import tf_keras
 
-PANOPTIC_PRED = 'panoptic_pred'
-INSTANCE_PRED = 'instance_pred'
-INSTANCE_SCORES = 'instance_scores'
-SEMANTIC_PRED = 'semantic_pred'
-SEMANTIC_SCORES = 'semantic_scores'
-# The mask-wise semantic map before area filtering; DeepLab2 computes and then
-# discards it. Exposed by `maskwise_panoptic_inference` for inspection.
-MASKWISE_SEMANTIC_PRED = 'maskwise_semantic_pred'
+from deeplab_kmax import keys
+from deeplab_kmax.config import evaluator_pb2
+from deeplab_kmax.data import label_space as label_space_lib
+from deeplab_kmax.ops import resize
 
 OutputSize = Union[Sequence[int], tf.Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class PanopticLabelSpace:
-  """How class-head indices map to dataset labels.
-
-  The class head lists thing classes first, then stuff classes, then void.
-  With COCO (void 0, things 1..80) index i is semantic id i + 1; with
-  Cityscapes (void 255, things 11..18) indices 0..7 are the things and 8..18
-  are the stuff ids 0..10.
-  """
-  thing_class_ids: Tuple[int, ...]
-  stuff_class_ids: Tuple[int, ...]
-  ignore_label: int
-  label_divisor: int
-
-  @classmethod
-  def derive(cls, num_classes: int, thing_class_ids: Sequence[int],
-             ignore_label: int, label_divisor: int,
-             stuff_class_ids: Optional[Sequence[int]] = None
-            ) -> 'PanopticLabelSpace':
-    """Builds the space for a head with `num_classes` non-void outputs.
-
-    Without explicit stuff ids, stuff is every id in 0..num_classes (skipping
-    the ignore label when it lies in that range) that is not a thing, sorted.
-    """
-    things = tuple(int(c) for c in thing_class_ids)
-    if stuff_class_ids is None:
-      if ignore_label >= num_classes:
-        candidates = range(num_classes)
-      else:
-        candidates = (c for c in range(num_classes + 1) if c != ignore_label)
-      stuff = tuple(sorted(set(candidates) - set(things)))
-    else:
-      stuff = tuple(int(c) for c in stuff_class_ids)
-    space = cls(things, stuff, int(ignore_label), int(label_divisor))
-    if space.num_classes != num_classes:
-      raise ValueError(
-          f'The class head has {num_classes} non-void classes, but '
-          f'{len(things)} thing ids + {len(stuff)} stuff ids were given '
-          f'(ignore_label={ignore_label}); expected them to add up.')
-    return space
-
-  def __post_init__(self):
-    ids = self.semantic_ids
-    if len(set(ids)) != len(ids):
-      raise ValueError(f'Thing and stuff ids must be distinct, got {ids}.')
-    if self.ignore_label in ids:
-      raise ValueError(
-          f'ignore_label {self.ignore_label} is also a thing or stuff id.')
-    if self.label_divisor <= 0:
-      raise ValueError(f'label_divisor must be positive, got '
-                       f'{self.label_divisor}.')
-
-  @property
-  def semantic_ids(self) -> Tuple[int, ...]:
-    """Dataset semantic id of each class-head index."""
-    return self.thing_class_ids + self.stuff_class_ids
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.thing_class_ids) + len(self.stuff_class_ids)
-
-  @property
-  def num_thing_classes(self) -> int:
-    return len(self.thing_class_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,19 +54,6 @@ class MaskWiseOptions:
   reorder_mask_weight: float = 1.0
   thing_area_limit: int = 0
   stuff_area_limit: int = 0
-
-
-def upsample_mask_logits(mask_logits: tf.Tensor,
-                         output_size: OutputSize) -> tf.Tensor:
-  """Bilinear resize with aligned corners.
-
-  Crops are (stride * k + 1) pixels wide, so corner alignment puts the first
-  and last logit exactly on the first and last output pixel.
-  """
-  size = tf.convert_to_tensor(output_size, dtype=tf.int32)
-  return tf.raw_ops.ResizeBilinear(images=mask_logits, size=size,
-                                   align_corners=True,
-                                   half_pixel_centers=False)
 
 
 def slot_class_predictions(
@@ -162,6 +79,22 @@ def mask_quality(pixel_space_mask_logits: tf.Tensor,
   claimed = tf.reshape(claimed, flat)
   return tf.math.divide_no_nan(tf.reduce_sum(probs * claimed, axis=1),
                                tf.reduce_sum(claimed, axis=1))  # [B, N]
+
+
+def masks_in_rank_order(masks: tf.Tensor,
+                        rank_to_slot: tf.Tensor) -> tf.Tensor:
+  """[B, P, N] slot masks -> the same masks with slots in rank order.
+
+  A plain gather over flattened (image, slot) rows: tf2onnx mistranslates a
+  batched gather along the last axis of a rank-3 tensor.
+  """
+  shape = tf.shape(masks)
+  batch, num_slots = shape[0], shape[2]
+  rows = tf.reshape(tf.transpose(masks, [0, 2, 1]),
+                    [batch * num_slots, -1])  # [B * N, P]
+  offsets = num_slots * tf.range(batch)[:, tf.newaxis]  # [B, 1]
+  ranked = tf.gather(rows, rank_to_slot + offsets)  # [B, N, P]
+  return tf.transpose(ranked, [0, 2, 1])
 
 
 def paste_masks_in_order(binary_masks: tf.Tensor, pasteable: tf.Tensor,
@@ -206,9 +139,11 @@ def _area_of_own_segment(segment_ids: tf.Tensor,
   """
   batch = tf.shape(segment_ids)[0]
   global_ids = segment_ids + num_segments * tf.range(batch)[:, tf.newaxis]
+  # Flattened to 1-D ids: ONNX converters only take rank-1 segment ids.
+  flat_ids = tf.reshape(global_ids, [-1])  # [B * P]
   counts = tf.math.unsorted_segment_sum(
-      tf.ones_like(global_ids), global_ids, batch * num_segments)
-  return tf.gather(counts, global_ids)  # [B, P]
+      tf.ones_like(flat_ids), flat_ids, batch * num_segments)
+  return tf.reshape(tf.gather(counts, flat_ids), tf.shape(segment_ids))
 
 
 def _num_slots(binary_masks: tf.Tensor):
@@ -228,7 +163,7 @@ def maskwise_panoptic_inference(
     mask_logits: tf.Tensor,
     class_logits: tf.Tensor,
     output_size: OutputSize,
-    label_space: PanopticLabelSpace,
+    label_space: label_space_lib.LabelSpace,
     options: MaskWiseOptions = MaskWiseOptions(),
 ) -> Dict[str, tf.Tensor]:
   """Runs mask-wise merging and the threshold-free semantic argmax.
@@ -242,7 +177,8 @@ def maskwise_panoptic_inference(
 
   Returns:
     Dict of [B, H, W] tensors: panoptic_pred, instance_pred, semantic_pred,
-    maskwise_semantic_pred (int32), instance_scores, semantic_scores
+    maskwise_semantic_pred, semantic_class_index (the class-head index whose
+    id semantic_pred holds) (int32), instance_scores, semantic_scores
     (float32).
   """
   mask_logits = tf.cast(mask_logits, tf.float32)
@@ -256,10 +192,12 @@ def maskwise_panoptic_inference(
   if num_slots is not None and class_logits.shape[1] not in (None, num_slots):
     raise ValueError(f'The mask logits have {num_slots} slots but the class '
                      f'logits have {class_logits.shape[1]}.')
-  if class_logits.shape[-1] not in (None, label_space.num_classes + 1):
+  if class_logits.shape[-1] not in (None, label_space.class_head_outputs):
     raise ValueError(
-        f'Expected {label_space.num_classes} + 1 (void) class logits, got '
-        f'{class_logits.shape[-1]}.')
+        f'transformer_class_logits has {class_logits.shape[-1]} classes; the '
+        f'label space has {label_space.num_thing_stuff_classes} non-void '
+        f'classes, so {label_space.class_head_outputs} were expected (void '
+        'last).')
 
   classes, confidence = slot_class_predictions(class_logits)  # [B, N]
   quality = mask_quality(mask_logits, options.pixel_confidence_threshold)
@@ -280,13 +218,13 @@ def maskwise_panoptic_inference(
       confidence >= min(options.thing_confidence_threshold,
                         options.stuff_confidence_threshold), axis=-1)  # [B]
 
-  upsampled = upsample_mask_logits(mask_logits, output_size)  # [B, H, W, N]
+  upsampled = resize.bilinear(mask_logits, output_size)  # [B, H, W, N]
   shape = tf.shape(upsampled)
   batch, height, width = shape[0], shape[1], shape[2]
   upsampled = tf.reshape(upsampled, [batch, height * width, -1])  # [B, P, N]
   probs = tf.nn.softmax(upsampled, axis=-1)
-  binary_masks = tf.gather(probs > options.pixel_confidence_threshold,
-                           rank_to_slot, axis=-1, batch_dims=1)  # [B, P, N]
+  binary_masks = masks_in_rank_order(
+      probs > options.pixel_confidence_threshold, rank_to_slot)  # [B, P, N]
   canvas = paste_masks_in_order(binary_masks, pasteable,
                                 options.overlapping_threshold)  # [B, P]
 
@@ -305,7 +243,8 @@ def maskwise_panoptic_inference(
       tf.where(is_thing, canvas, 0), _num_slots(binary_masks) + 1,
       options.thing_area_limit))
   stuff_kept = tf.logical_and(is_stuff, _passes_area_limit(
-      tf.where(is_stuff, owner_class + 1, 0), label_space.num_classes + 1,
+      tf.where(is_stuff, owner_class + 1, 0),
+      label_space.num_thing_stuff_classes + 1,
       options.stuff_area_limit))
 
   owner_semantic = tf.gather(semantic_ids, owner_class)  # [B, P]
@@ -323,30 +262,22 @@ def maskwise_panoptic_inference(
 
   # Threshold-free semantic prediction: pixel -> best slot -> its class.
   best_slot = tf.argmax(upsampled, axis=-1, output_type=tf.int32)  # [B, P]
-  semantic = tf.gather(semantic_ids,
-                       tf.gather(classes, best_slot, batch_dims=1))
+  semantic_class = tf.gather(classes, best_slot, batch_dims=1)  # [B, P]
+  semantic = tf.gather(semantic_ids, semantic_class)
 
   def to_image(x):
     return tf.reshape(x, [batch, height, width])
 
   return {
-      PANOPTIC_PRED: to_image(panoptic),
+      keys.PANOPTIC_PRED: to_image(panoptic),
       # Unassigned pixels get instance id 1 (rank 0), DeepLab2's convention.
-      INSTANCE_PRED: to_image(tf.maximum(canvas, 1)),
-      INSTANCE_SCORES: to_image(instance_scores),
-      SEMANTIC_PRED: to_image(semantic),
-      SEMANTIC_SCORES: to_image(semantic_scores),
-      MASKWISE_SEMANTIC_PRED: to_image(maskwise_semantic),
+      keys.INSTANCE_PRED: to_image(tf.maximum(canvas, 1)),
+      keys.INSTANCE_SCORES: to_image(instance_scores),
+      keys.SEMANTIC_PRED: to_image(semantic),
+      keys.SEMANTIC_SCORES: to_image(semantic_scores),
+      keys.MASKWISE_SEMANTIC_PRED: to_image(maskwise_semantic),
+      keys.SEMANTIC_CLASS_INDEX: to_image(semantic_class),
   }
-
-
-def _option(options: Any, name: str, default: Any) -> Any:
-  """Reads a field from a mapping or an attribute-style (e.g. proto) object."""
-  if options is None:
-    return default
-  if isinstance(options, Mapping):
-    return options.get(name, default)
-  return getattr(options, name, default)
 
 
 class MaskWisePostProcessor(tf_keras.layers.Layer):
@@ -361,10 +292,8 @@ class MaskWisePostProcessor(tf_keras.layers.Layer):
   """
 
   def __init__(self,
-               thing_class_ids: Sequence[int],
-               ignore_label: int,
-               label_divisor: int,
-               stuff_class_ids: Optional[Sequence[int]] = None,
+               label_space: Union[label_space_lib.LabelSpace,
+                                  Mapping[str, Any]],
                pixel_confidence_threshold: float = 0.4,
                thing_confidence_threshold: float = 0.7,
                stuff_confidence_threshold: float = 0.5,
@@ -379,11 +308,8 @@ class MaskWisePostProcessor(tf_keras.layers.Layer):
     """Initialises the post-processor.
 
     Args:
-      thing_class_ids: dataset ids of the thing classes, in class-head order.
-      ignore_label: the void id written to unassigned / filtered pixels.
-      label_divisor: panoptic = semantic * label_divisor + instance.
-      stuff_class_ids: dataset ids of the stuff classes in class-head order;
-        derived from the head width as DeepLab2 does when omitted.
+      label_space: the dataset's `LabelSpace` (or its fields, as
+        `get_config` writes them): class-head order, void id, divisor.
       pixel_confidence_threshold: mask probability above which a slot claims
         a pixel.
       thing_confidence_threshold: minimum class confidence of a thing slot.
@@ -398,12 +324,12 @@ class MaskWisePostProcessor(tf_keras.layers.Layer):
       name: layer name.
       **kwargs: other Keras layer arguments.
     """
+    # The merge runs in float32 under any mixed-precision policy.
+    kwargs.setdefault('dtype', 'float32')
     super().__init__(name=name, **kwargs)  # Keras layer arguments.
-    self._thing_class_ids = [int(c) for c in thing_class_ids]
-    self._stuff_class_ids = (None if stuff_class_ids is None else
-                             [int(c) for c in stuff_class_ids])
-    self._ignore_label = int(ignore_label)
-    self._label_divisor = int(label_divisor)
+    if isinstance(label_space, Mapping):
+      label_space = label_space_lib.LabelSpace(**label_space)
+    self._label_space = label_space
     self._options = MaskWiseOptions(
         pixel_confidence_threshold=float(pixel_confidence_threshold),
         thing_confidence_threshold=float(thing_confidence_threshold),
@@ -418,60 +344,33 @@ class MaskWisePostProcessor(tf_keras.layers.Layer):
                        f'{output_size}.')
     self._output_size = (None if output_size is None else
                          [int(s) for s in output_size])
-    if self._stuff_class_ids is not None:
-      # Validates the ids early when the label space is fully specified.
-      self._label_space_for(len(self._thing_class_ids) +
-                            len(self._stuff_class_ids))
 
   @classmethod
   def from_options(cls,
-                   evaluator_options: Any,
-                   thing_class_ids: Sequence[int],
-                   ignore_label: int,
-                   label_divisor: int,
-                   stuff_class_ids: Optional[Sequence[int]] = None,
+                   evaluator_options: evaluator_pb2.EvaluatorOptions,
+                   label_space: label_space_lib.LabelSpace,
                    output_size: Optional[Sequence[int]] = None,
                    **kwargs) -> 'MaskWisePostProcessor':
-    """Builds the layer from DeepLab2-named evaluator options.
-
-    `evaluator_options` may be a proto, an attribute object or a dict with
-    DeepLab2's field names (pixel_confidence_threshold, thing_area_limit,
-    stuff_area_limit, transformer_post_processing and a nested
-    maskwise_postprocessing with transformer_class_confidence_threshold_thing,
-    ..._stuff, overlapping_threshold, reorder_class_weight,
-    reorder_mask_weight). Missing fields take this layer's defaults.
-    """
-    mode = _option(evaluator_options, 'transformer_post_processing',
-                   'maskwise')
+    """Builds the layer from the config's `evaluator_options` (DeepLab2's
+    fields; unset ones take the proto's defaults)."""
+    mode = evaluator_options.transformer_post_processing
     if mode != 'maskwise':
       raise ValueError('Only transformer_post_processing "maskwise" is '
                        f'implemented, got {mode!r}.')
-    maskwise = _option(evaluator_options, 'maskwise_postprocessing', None)
-    defaults = MaskWiseOptions()
+    maskwise = evaluator_options.maskwise_postprocessing
     return cls(
-        thing_class_ids=thing_class_ids,
-        ignore_label=ignore_label,
-        label_divisor=label_divisor,
-        stuff_class_ids=stuff_class_ids,
-        pixel_confidence_threshold=_option(
-            evaluator_options, 'pixel_confidence_threshold',
-            defaults.pixel_confidence_threshold),
-        thing_confidence_threshold=_option(
-            maskwise, 'transformer_class_confidence_threshold_thing',
-            defaults.thing_confidence_threshold),
-        stuff_confidence_threshold=_option(
-            maskwise, 'transformer_class_confidence_threshold_stuff',
-            defaults.stuff_confidence_threshold),
-        overlapping_threshold=_option(maskwise, 'overlapping_threshold',
-                                      defaults.overlapping_threshold),
-        reorder_class_weight=_option(maskwise, 'reorder_class_weight',
-                                     defaults.reorder_class_weight),
-        reorder_mask_weight=_option(maskwise, 'reorder_mask_weight',
-                                    defaults.reorder_mask_weight),
-        thing_area_limit=_option(evaluator_options, 'thing_area_limit',
-                                 defaults.thing_area_limit),
-        stuff_area_limit=_option(evaluator_options, 'stuff_area_limit',
-                                 defaults.stuff_area_limit),
+        label_space=label_space,
+        pixel_confidence_threshold=(
+            evaluator_options.pixel_confidence_threshold),
+        thing_confidence_threshold=(
+            maskwise.transformer_class_confidence_threshold_thing),
+        stuff_confidence_threshold=(
+            maskwise.transformer_class_confidence_threshold_stuff),
+        overlapping_threshold=maskwise.overlapping_threshold,
+        reorder_class_weight=maskwise.reorder_class_weight,
+        reorder_mask_weight=maskwise.reorder_mask_weight,
+        thing_area_limit=evaluator_options.thing_area_limit,
+        stuff_area_limit=evaluator_options.stuff_area_limit,
         output_size=output_size,
         **kwargs)
 
@@ -479,15 +378,16 @@ class MaskWisePostProcessor(tf_keras.layers.Layer):
   def options(self) -> MaskWiseOptions:
     return self._options
 
-  def _label_space_for(self, num_classes: int) -> PanopticLabelSpace:
-    return PanopticLabelSpace.derive(num_classes, self._thing_class_ids,
-                                     self._ignore_label, self._label_divisor,
-                                     self._stuff_class_ids)
+  @property
+  def label_space(self) -> label_space_lib.LabelSpace:
+    return self._label_space
 
   def call(self,
            pixel_space_mask_logits: tf.Tensor,  # [B, h, w, N]
            transformer_class_logits: tf.Tensor,  # [B, N, C + 1]
-           output_size: Optional[OutputSize] = None) -> Dict[str, tf.Tensor]:
+           output_size: Optional[OutputSize] = None,
+           with_class_index: bool = False) -> Dict[str, tf.Tensor]:
+    """The maps; `with_class_index` adds semantic_class_index (serving)."""
     if output_size is None:
       output_size = self._output_size
     if output_size is None:
@@ -498,20 +398,18 @@ class MaskWisePostProcessor(tf_keras.layers.Layer):
     if num_class_logits is None:
       raise ValueError('transformer_class_logits needs a static last '
                        'dimension (number of classes + 1).')
-    label_space = self._label_space_for(num_class_logits - 1)
     outputs = maskwise_panoptic_inference(
         pixel_space_mask_logits, transformer_class_logits, output_size,
-        label_space, self._options)
-    del outputs[MASKWISE_SEMANTIC_PRED]
+        self._label_space, self._options)
+    del outputs[keys.MASKWISE_SEMANTIC_PRED]
+    if not with_class_index:
+      del outputs[keys.SEMANTIC_CLASS_INDEX]
     return outputs
 
   def get_config(self) -> Dict[str, Any]:
     config = super().get_config()
     config.update(
-        thing_class_ids=list(self._thing_class_ids),
-        ignore_label=self._ignore_label,
-        label_divisor=self._label_divisor,
-        stuff_class_ids=self._stuff_class_ids,
+        label_space=dataclasses.asdict(self._label_space),
         output_size=self._output_size,
         **dataclasses.asdict(self._options))
     return config

@@ -22,6 +22,13 @@ For every readable image `<stem>.<ext>` the output directory gets
 and `predictions.json` collects all segments in the COCO panoptic results
 layout (`annotations` with `file_name` and `segments_info`, `categories`).
 
+A video input (`--inputs=clip.mp4`; see `predict_video` for the suffixes)
+gets `<stem>_<frame>_panoptic.png` and `<stem>_<frame>_segments.json` per
+frame (frame numbered from 0, six digits) and `<stem>_overlay.mp4`, the
+overlays at the source frame rate; its frames are annotations of
+`predictions.json` like images. Needs the optional extra `[video]`
+(imageio-ffmpeg).
+
 Images are decoded exactly as the SavedModel's serving_encoded signature
 decodes them (`serving.decode_image_file`: pixels as stored, EXIF orientation
 not applied, 16-bit -> high byte, alpha dropped), so a file gives the same
@@ -60,8 +67,10 @@ from PIL import Image
 from PIL import UnidentifiedImageError
 
 from deeplab_kmax import cli_errors
+from deeplab_kmax import keys
 from deeplab_kmax import temp_files
 from deeplab_kmax import visualization
+from deeplab_kmax.data import coco_panoptic
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.export import serving
 
@@ -71,7 +80,6 @@ PANOPTIC_SUFFIX = '_panoptic.png'
 SEGMENTS_SUFFIX = '_segments.json'
 OVERLAY_SUFFIX = '_overlay.png'
 RAW_SUFFIX = '_raw.npz'
-PREDICTIONS_FILE = 'predictions.json'
 
 
 class ImageReadError(ValueError):
@@ -153,70 +161,6 @@ def _load_with_pillow(path: str, data: bytes) -> np.ndarray:
     raise ImageReadError(f'{path}: not a readable image ({e}).') from None
 
 
-def encode_segment_ids(segment_ids: np.ndarray) -> np.ndarray:
-  """[H, W] ids -> [H, W, 3] uint8 with id = R + 256 G + 256^2 B."""
-  ids = np.asarray(segment_ids).astype(np.int64)
-  if ids.min(initial=0) < 0 or ids.max(initial=0) >= 256**3:
-    raise ValueError('Segment ids must be in [0, 2^24) for a panoptic PNG.')
-  return np.stack([ids % 256, ids // 256 % 256, ids // 256**2],
-                  axis=-1).astype(np.uint8)
-
-
-def decode_segment_ids(rgb: np.ndarray) -> np.ndarray:
-  """Inverse of `encode_segment_ids`."""
-  rgb = np.asarray(rgb).astype(np.int64)
-  return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
-
-
-def panoptic_segments(panoptic: np.ndarray, semantic_scores: np.ndarray,
-                      info: dataset_info_lib.DatasetInfo
-                      ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
-  """Numbers the segments of a panoptic map and describes each.
-
-  Args:
-    panoptic: [H, W] semantic * label_divisor + instance.
-    semantic_scores: [H, W] class confidence of each pixel's segment.
-    info: the dataset descriptor.
-
-  Returns:
-    ([H, W] int32 segment ids, 0 = void, 1.. in panoptic-id order;
-     the segments_info list).
-  """
-  panoptic = np.asarray(panoptic).astype(np.int64)
-  divisor = info.panoptic_label_divisor
-  to_source = info.contiguous_to_source()
-  things = set(info.thing_class_ids)
-  ids, inverse = np.unique(panoptic, return_inverse=True)
-  inverse = inverse.reshape(panoptic.shape)
-  segment_map = np.zeros(panoptic.shape, np.int32)
-  segments = []
-  scores = np.asarray(semantic_scores, np.float64)
-  for index, panoptic_id in enumerate(ids.tolist()):
-    semantic, instance = divmod(int(panoptic_id), divisor)
-    if semantic == info.ignore_label:
-      continue
-    mask = inverse == index
-    segment_id = len(segments) + 1
-    segment_map[mask] = segment_id
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    segments.append({
-        'id': segment_id,
-        'category_id': int(to_source.get(semantic, semantic)),
-        'category_name': info.class_names.get(semantic, str(semantic)),
-        'semantic_id': semantic,
-        'instance_id': instance,
-        'panoptic_id': int(panoptic_id),
-        'isthing': semantic in things,
-        'iscrowd': 0,
-        'score': round(float(scores[mask].mean()), 6),
-        'area': int(mask.sum()),
-        'bbox': [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1),
-                 int(rows[-1] - rows[0] + 1)],
-    })
-  return segment_map, segments
-
-
 @dataclasses.dataclass
 class Predictor:
   """A callable uint8 [H, W, 3] -> output maps, with its label space."""
@@ -236,7 +180,7 @@ def saved_model_predictor(path: str) -> Predictor:
   loaded, function, metadata = saved_model.load(path)
 
   def run(image):
-    outputs = function(**{serving.INPUT_IMAGE: tf.constant(image)})
+    outputs = function(**{keys.INPUT_IMAGE: tf.constant(image)})
     return {key: value.numpy() for key, value in outputs.items()}
 
   run.loaded = loaded  # The signature needs the loaded object alive.
@@ -262,7 +206,8 @@ def checkpoint_predictor(config: Any, checkpoint_path: str,
 
 
 def onnx_predictor(path: str) -> Predictor:
-  """Runs an ONNX export with the NumPy pre- and post-processing."""
+  """Runs an ONNX export (network and merge) with the host resize, pad and
+  undo around it."""
   from deeplab_kmax.export import onnx_export  # pylint: disable=g-import-not-at-top
   runner = onnx_export.OnnxPanopticPredictor(path)
   return Predictor(runner, serving.dataset_info_from_metadata(runner.metadata),
@@ -270,7 +215,7 @@ def onnx_predictor(path: str) -> Predictor:
 
 
 def tflite_predictor(path: str) -> Predictor:
-  """Runs a TFLite export (network and merge) with the NumPy resize, pad
+  """Runs a TFLite export (network and merge) with the host resize, pad
   and undo around it."""
   from deeplab_kmax.export import tflite_export  # pylint: disable=g-import-not-at-top
   runner = tflite_export.TFLitePanopticPredictor(path)
@@ -343,24 +288,41 @@ def remove_outputs(output_dir: str, stem: str) -> None:
       os.remove(path)
 
 
+def overlay_picture(image: np.ndarray, panoptic: np.ndarray,
+                    segments: Sequence[Mapping[str, Any]],
+                    info: dataset_info_lib.DatasetInfo,
+                    draw_names: bool = True, alpha: float = 0.6,
+                    min_long_side: int = 0) -> np.ndarray:
+  """The overlay for people: segment colours, borders, names and the thing
+  scores of `segments` (a segments_info list)."""
+  scores = {s['panoptic_id']: s['score'] for s in segments if s['isthing']}
+  return visualization.visualize_panoptic(image, panoptic, info, scores,
+                                          alpha=alpha, draw_names=draw_names,
+                                          min_long_side=min_long_side)
+
+
 def write_prediction(output_dir: str, stem: str, image: np.ndarray,
                      maps: Mapping[str, np.ndarray],
                      info: dataset_info_lib.DatasetInfo,
                      draw_names: bool = True, alpha: float = 0.6,
-                     save_raw: bool = False) -> Dict[str, Any]:
+                     save_raw: bool = False,
+                     overlay_min_size: int = 0,
+                     write_overlay: bool = True) -> Dict[str, Any]:
   """Writes the PNG, overlay (raw) and JSON of one image; returns its
-  annotation.
+  annotation. The overlay is enlarged (whole factor) until its long side
+  reaches `overlay_min_size`; the PNG keeps the image's size. Video frames
+  leave the overlay out (`write_overlay`): it goes into the overlay video.
 
   Files of an earlier run for `stem` are removed first and the segments JSON
   is written last, so it exists only beside a complete set of this run.
   """
-  panoptic = maps[serving.PANOPTIC_PRED]
-  segment_map, segments = panoptic_segments(
-      panoptic, maps[serving.SEMANTIC_SCORES], info)
+  panoptic = maps[keys.PANOPTIC_PRED]
+  segment_map, segments = coco_panoptic.panoptic_segments(
+      panoptic, maps[keys.SEMANTIC_SCORES], info)
   remove_outputs(output_dir, stem)
   png_name = stem + PANOPTIC_SUFFIX
   _save_png(os.path.join(output_dir, png_name),
-            encode_segment_ids(segment_map))
+            coco_panoptic.encode_segment_ids(segment_map))
   annotation = {
       'image_id': stem,
       'file_name': png_name,
@@ -369,11 +331,10 @@ def write_prediction(output_dir: str, stem: str, image: np.ndarray,
       'label_divisor': info.panoptic_label_divisor,
       'segments_info': segments,
   }
-  scores = {s['panoptic_id']: s['score'] for s in segments if s['isthing']}
-  overlay = visualization.visualize_panoptic(image, panoptic, info, scores,
-                                             alpha=alpha,
-                                             draw_names=draw_names)
-  _save_png(os.path.join(output_dir, stem + OVERLAY_SUFFIX), overlay)
+  if write_overlay:
+    _save_png(os.path.join(output_dir, stem + OVERLAY_SUFFIX),
+              overlay_picture(image, panoptic, segments, info, draw_names,
+                              alpha, overlay_min_size))
   if save_raw:
     _write_file(os.path.join(output_dir, stem + RAW_SUFFIX),
                 lambda f: np.savez_compressed(
@@ -384,24 +345,18 @@ def write_prediction(output_dir: str, stem: str, image: np.ndarray,
   return annotation
 
 
-def categories(info: dataset_info_lib.DatasetInfo) -> List[Dict[str, Any]]:
-  """COCO-style category list of the dataset (void left out)."""
-  to_source = info.contiguous_to_source()
-  return [{'id': int(to_source.get(i, i)), 'name': info.class_names[i],
-           'isthing': int(i in info.thing_class_ids),
-           'color': list(info.colormap.get(i, (0, 0, 0)))}
-          for i in sorted(info.class_names) if i != info.ignore_label]
-
-
 def predict_files(predictor: Predictor, files: Sequence[str], output_dir: str,
                   draw_names: bool = True, alpha: float = 0.6,
                   save_raw: bool = False,
-                  progress: Optional[bool] = None) -> Tuple[int, List[str]]:
-  """Predicts every file; returns (number written, failed files)."""
+                  progress: Optional[bool] = None,
+                  overlay_min_size: int = 0) -> Tuple[int, List[str]]:
+  """Predicts every file (images and videos); returns (number of images
+  and video frames written, failed files)."""
   import tqdm  # pylint: disable=g-import-not-at-top
+  from deeplab_kmax import predict_video  # pylint: disable=g-import-not-at-top
   os.makedirs(output_dir, exist_ok=True)
   temp_files.remove_stale(output_dir, temp_files.any_sibling_pattern('tmp'))
-  summary = os.path.join(output_dir, PREDICTIONS_FILE)
+  summary = os.path.join(output_dir, coco_panoptic.PREDICTIONS_FILE)
   if os.path.lexists(summary):  # It would describe an earlier run.
     os.remove(summary)
   stems = _unique_stems(files)
@@ -410,11 +365,16 @@ def predict_files(predictor: Predictor, files: Sequence[str], output_dir: str,
                   disable=None if progress is None else not progress)
   for path in bar:
     try:
+      if predict_video.is_video(path):
+        annotations.extend(predict_video.predict_video(
+            predictor, path, output_dir, stems[path], draw_names, alpha,
+            save_raw, progress))
+        continue
       image = load_image(path)
       maps = predictor(image)
       annotations.append(write_prediction(
           output_dir, stems[path], image, maps, predictor.info, draw_names,
-          alpha, save_raw))
+          alpha, save_raw, overlay_min_size))
       continue
     except ImageReadError as e:
       logging.warning('Skipped %s', e)
@@ -424,8 +384,9 @@ def predict_files(predictor: Predictor, files: Sequence[str], output_dir: str,
     failed.append(path)
     # Files of an earlier run under this name would look like this run's.
     remove_outputs(output_dir, stems[path])
-  results = {'annotations': annotations, 'categories': categories(
-      predictor.info), 'failed': failed, 'model': predictor.description}
+  results = {'annotations': annotations,
+             'categories': coco_panoptic.categories(predictor.info),
+             'failed': failed, 'model': predictor.description}
   text = json.dumps(results, indent=1).encode('utf-8')
   _write_file(summary, lambda f: f.write(text))
   return len(annotations), failed
@@ -453,6 +414,9 @@ def _define_flags() -> None:
   flags.DEFINE_string('output_dir', None, 'Directory for the results.')
   flags.DEFINE_float('overlay_alpha', 0.6, 'Segment colour weight.')
   flags.DEFINE_bool('draw_names', True, 'Write class names in the overlay.')
+  flags.DEFINE_integer('overlay_min_size', 512,
+                       'Enlarge smaller overlays by a whole factor until '
+                       'their long side is at least this (0: image size).')
   flags.DEFINE_bool('save_raw_predictions', False,
                     'Also save every output map as <stem>_raw.npz.')
   flags.mark_flags_as_required(['inputs', 'output_dir'])
@@ -475,8 +439,9 @@ def _predictor_from_flags(values) -> Predictor:
   if not values.checkpoint_path:
     raise app.UsageError('--config_file needs --checkpoint_path.')
   from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_for_inference(values.config_file,
-                                         values.config_override or ())
+  config = config_lib.load_experiment(values.config_file,
+                                     values.config_override or (),
+                                     mode=config_lib.INFERENCE)
   return checkpoint_predictor(config, values.checkpoint_path)
 
 
@@ -488,12 +453,24 @@ def main(argv) -> int:
   if not files:
     logging.error('No file matches --inputs=%s.', ','.join(values.inputs))
     return 1
+  from deeplab_kmax import predict_video  # pylint: disable=g-import-not-at-top
+  if any(predict_video.is_video(path) for path in files):
+    try:
+      predict_video.require_ffmpeg()
+    except ImportError as e:
+      raise app.UsageError(str(e)) from None
   predictor = _predictor_from_flags(values)
   written, failed = predict_files(
       predictor, files, values.output_dir, values.draw_names,
-      values.overlay_alpha, values.save_raw_predictions)
-  print(f'Wrote predictions for {written} of {len(files)} images to '
-        f'{values.output_dir}.')
+      values.overlay_alpha, values.save_raw_predictions,
+      overlay_min_size=values.overlay_min_size)
+  if any(predict_video.is_video(path) for path in files):
+    print(f'Wrote predictions for {written} images and video frames of '
+          f'{len(files) - len(failed)} of {len(files)} inputs to '
+          f'{values.output_dir}.')
+  else:
+    print(f'Wrote predictions for {written} of {len(files)} images to '
+          f'{values.output_dir}.')
   if failed:
     print(f'{len(failed)} file(s) failed: {", ".join(failed)}',
           file=sys.stderr)

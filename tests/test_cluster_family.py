@@ -15,7 +15,7 @@ import tf_keras
 
 from deeplab_kmax import checkpoint_io
 from deeplab_kmax import config as config_lib
-from deeplab_kmax import heads
+from deeplab_kmax import keys
 from deeplab_kmax import model as model_lib
 from deeplab_kmax.data import demo_dataset
 from deeplab_kmax.testing import reference
@@ -143,7 +143,7 @@ def _build(config, crop=CROP):
 def _shapes(outputs):
   shapes = {}
   for key, value in outputs.items():
-    if key == heads.AUXILIARY_OUTPUTS:
+    if key == keys.AUXILIARY_OUTPUTS:
       shapes[key] = tuple({k: tuple(v.shape) for k, v in sorted(d.items())}
                           for d in value)
     else:
@@ -180,9 +180,9 @@ def test_variant_keeps_output_contract_and_trains(variant, kmax_reference,
   assert _shapes(model(images, training=False)) == inference_shapes
   with tf.GradientTape() as tape:
     outputs = model(images, training=True)
-    auxiliary = outputs[heads.AUXILIARY_OUTPUTS]
-    loss = tf.reduce_sum(outputs[heads.PIXEL_SPACE_MASK_LOGITS] ** 2) + sum(
-        tf.reduce_sum(a[heads.PIXEL_SPACE_MASK_LOGITS] ** 2)
+    auxiliary = outputs[keys.AUXILIARY_OUTPUTS]
+    loss = tf.reduce_sum(outputs[keys.PIXEL_SPACE_MASK_LOGITS] ** 2) + sum(
+        tf.reduce_sum(a[keys.PIXEL_SPACE_MASK_LOGITS] ** 2)
         for a in auxiliary)
   assert _shapes(outputs) == training_shapes
   decoder = model.transformer_decoder
@@ -306,8 +306,8 @@ def test_variant_exports_a_saved_model(variant, demo_data, monkeypatch,
                                         info=demo_dataset.dataset_info())
   path = saved_model.write_saved_model(module, str(tmp_path / 'sm' / '1'))
   image = np.random.default_rng(0).integers(0, 255, (50, 60, 3), np.uint8)
-  _, serve, _ = saved_model.load(path, serving.SIGNATURE_IMAGE)
-  served = serve(**{serving.INPUT_IMAGE: tf.constant(image)})
+  _, serve, _ = saved_model.load(path, keys.SIGNATURE_IMAGE)
+  served = serve(**{keys.INPUT_IMAGE: tf.constant(image)})
   expected = helpers.keras_reference(model, config, image)
   for key in serving.NEAREST_OUTPUTS:
     assert served[key].shape == (50, 60), key

@@ -7,6 +7,8 @@ import pytest
 import tensorflow as tf
 
 from deeplab_kmax import heads
+from deeplab_kmax.data import dataset_info
+from deeplab_kmax.data import label_space
 from deeplab_kmax.testing import reference
 
 HEAD_PREFIXES = ('pixel_space_head/', 'transformer_mask_head/',
@@ -92,7 +94,7 @@ def test_coco_checkpoint_keys_match_manifest(coco_head, reference_dir):
 def test_cityscapes_checkpoint_keys_match_manifest(reference_dir):
   # Cityscapes: stride-2 decoder output (128 channels), 256 slots, 19
   # semantic classes + void, and the semantic head directly on stage5.
-  num_classes = heads.transformer_class_head_num_classes(19, ignore_label=255)
+  num_classes = dataset_info.CITYSCAPES_PANOPTIC.label_space.class_head_outputs
   head = heads.MaXDeepLabHead(num_classes=num_classes, semantic_num_classes=19,
                               use_semantic_decoder=False)
   outputs = head(_random_inputs((9, 9), 128, 256))
@@ -139,9 +141,13 @@ def test_encoder_stage_keys_are_relu_d_for_low_level(coco_head, golden,
 def test_void_bias_constant():
   assert heads.void_logit_bias(134) == pytest.approx(math.log(133 * 9))
   assert heads.void_logit_bias(20) == pytest.approx(math.log(19 * 9))
-  assert heads.transformer_class_head_num_classes(134, ignore_label=0) == 134
-  assert heads.transformer_class_head_num_classes(19, ignore_label=255) == 20
-  assert heads.transformer_class_head_num_classes(150, ignore_label=0) == 150
+  def head_outputs(num_classes, ignore_label):
+    return label_space.LabelSpace(num_classes, ignore_label, 1000,
+                                  ()).class_head_outputs
+
+  assert head_outputs(134, ignore_label=0) == 134
+  assert head_outputs(19, ignore_label=255) == 20
+  assert head_outputs(150, ignore_label=0) == 150
 
 
 def test_void_bias_only_on_last_class(coco_head, golden_features):
@@ -199,13 +205,6 @@ def test_dynamic_shapes_under_tf_function(coco_head):
   for name in ('semantic_logits', 'pixel_space_mask_logits'):
     np.testing.assert_allclose(outputs[name], eager[name], rtol=1e-4,
                                atol=1e-4 * np.abs(eager[name]).max())
-
-
-def test_config_round_trip(coco_head):
-  config = coco_head.get_config()
-  clone = heads.MaXDeepLabHead.from_config(config)
-  assert clone.get_config() == config
-  assert set(clone.checkpoint_items) == set(coco_head.checkpoint_items)
 
 
 def test_missing_inputs_raise(coco_head, golden_features):

@@ -231,14 +231,6 @@ def test_non_square_crop_and_dynamic_batch(coco_decoder):
                           rtol=1e-3)
 
 
-def test_config_round_trip(coco_decoder):
-  config = coco_decoder.get_config()
-  assert config['num_mask_slots'] == 128 and config['num_classes'] == 134
-  clone = kmax_decoder.KMaXTransformerDecoder.from_config(config)
-  assert clone.get_config() == config
-  assert clone.block_feature_keys == coco_decoder.block_feature_keys
-
-
 def test_missing_features_raise(coco_decoder):
   features = _features([(2, 2), (3, 3), (5, 5)], (9, 9), 256)
   del features['decoder_stage2']

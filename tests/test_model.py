@@ -15,6 +15,7 @@ import tf_keras
 
 from deeplab_kmax import checkpoint_io
 from deeplab_kmax import config as config_lib
+from deeplab_kmax import keys
 from deeplab_kmax import model as model_lib
 from deeplab_kmax import model_summary
 from deeplab_kmax.testing import reference
@@ -105,7 +106,7 @@ def test_k_means_assignments_end_to_end(coco_r50, reference_dir):
   endpoints = np.load(
       reference_dir / 'golden' / 'coco_kmax_r50_crop129_endpoints.npz')
   outputs = coco_r50.predict_raw(reference.reference_input(0), training=False)
-  auxiliary = outputs[model_lib.AUXILIARY_OUTPUTS]
+  auxiliary = outputs[keys.AUXILIARY_OUTPUTS]
   assert len(auxiliary) == 6
   for i, prediction in enumerate(auxiliary):
     expected = endpoints[f'transformer_decoder/aux{i}/pixel_space_mask_logits']
@@ -125,7 +126,7 @@ def test_training_outputs_include_deep_supervision(coco_r50):
   assert outputs['transformer_class_logits'].shape == (2, 128, 134)
   assert outputs['semantic_logits'].shape == (2, 17, 25, 134)
   assert 'panoptic_pred' not in outputs
-  auxiliary = outputs[model_lib.AUXILIARY_OUTPUTS]
+  auxiliary = outputs[keys.AUXILIARY_OUTPUTS]
   assert len(auxiliary) == 6
   for prediction in auxiliary:
     # Resized to the final stride for the loss.
@@ -205,6 +206,18 @@ def test_unknown_backbone_is_rejected():
   with pytest.raises(ValueError, match='kmax_vgg16'):
     model_lib.build_pixel_encoder(config.model_options.backbone,
                                   tf_keras.layers.BatchNormalization)
+
+
+def test_semantic_head_width_must_match_the_dataset():
+  """The class head's width comes from the dataset's label space, so a
+  config whose semantic head is sized for another dataset is rejected."""
+  from deeplab_kmax.data import dataset_info  # pylint: disable=g-import-not-at-top
+  config = _load(MANIFEST_CONFIGS['coco_kmax_meta_r50_os32'])
+  with pytest.raises(ValueError, match=(
+      r'auxiliary_semantic_head.output_channels is 134 but dataset '
+      r"'cityscapes_panoptic' has num_classes=19")):
+    model_lib.build_model(config,
+                          dataset_info=dataset_info.CITYSCAPES_PANOPTIC)
 
 
 def test_demo_config_builds_a_narrow_kmax(monkeypatch, tmp_path):

@@ -1,5 +1,6 @@
 """Tests for mask-wise panoptic post-processing."""
 
+import dataclasses
 import json
 import types
 
@@ -7,7 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax import keys
 from deeplab_kmax import post_processing as pp
+from deeplab_kmax.config import evaluator_pb2
+from deeplab_kmax.data import dataset_info
+from deeplab_kmax.data import label_space
+from deeplab_kmax.ops import resize
+from deeplab_kmax.testing import reference
 
 _INT_KEYS = ('panoptic_pred', 'instance_pred', 'semantic_pred')
 _FLOAT_KEYS = ('instance_scores', 'semantic_scores')
@@ -26,15 +33,17 @@ def golden(reference_dir):
   return dict(case), info
 
 
+def _golden_space(info):
+  # COCO: void 0 is one of the 134 semantic classes, as in the class head.
+  return label_space.LabelSpace(info['num_class_logits'], info['void_label'],
+                                info['label_divisor'], info['thing_class_ids'])
+
+
 def _golden_layer(info):
   h, w = info['image_shape']
   return pp.MaskWisePostProcessor.from_options(
-      info['evaluator_options'] | {
-          'maskwise_postprocessing': info['evaluator_options']['maskwise']},
-      thing_class_ids=info['thing_class_ids'],
-      ignore_label=info['void_label'],
-      label_divisor=info['label_divisor'],
-      output_size=(h, w))
+      reference.golden_evaluator_options(info['evaluator_options']),
+      _golden_space(info), output_size=(h, w))
 
 
 def _assert_matches_golden(outputs, case, float_atol):
@@ -59,14 +68,12 @@ def test_golden_case_eager(golden):
 
 def test_golden_case_maskwise_semantic_map(golden):
   case, info = golden
-  space = pp.PanopticLabelSpace.derive(
-      info['num_class_logits'] - 1, info['thing_class_ids'],
-      info['void_label'], info['label_divisor'])
+  space = _golden_space(info)
   assert space.stuff_class_ids == tuple(info['stuff_class_ids'])
   outputs = pp.maskwise_panoptic_inference(
       case['pixel_space_mask_logits'], case['transformer_class_logits'],
       info['image_shape'], space, _golden_layer(info).options)
-  np.testing.assert_array_equal(outputs[pp.MASKWISE_SEMANTIC_PRED].numpy(),
+  np.testing.assert_array_equal(outputs[keys.MASKWISE_SEMANTIC_PRED].numpy(),
                                 case['raw_maskwise_semantic_map'])
 
 
@@ -271,8 +278,8 @@ def _cityscapes_options(**overrides):
 
 def _cityscapes_layer(opts, output_size=None):
   return pp.MaskWisePostProcessor(
-      thing_class_ids=_CITYSCAPES_THINGS, ignore_label=255,
-      label_divisor=1000, output_size=output_size, **vars(opts))
+      dataset_info.CITYSCAPES_PANOPTIC.label_space, output_size=output_size,
+      **vars(opts))
 
 
 def _compare_with_reference(mask_logits, class_logits, out_hw, opts):
@@ -342,10 +349,10 @@ def test_empty_image_gives_void_and_zero_scores():
   assert np.all(outputs['instance_scores'].numpy()[1] == 0)
   assert np.all(outputs['semantic_scores'].numpy()[1] == 0)
   assert np.any(outputs['instance_scores'].numpy()[0] > 0)
-  space = pp.PanopticLabelSpace.derive(19, _CITYSCAPES_THINGS, 255, 1000)
+  space = dataset_info.CITYSCAPES_PANOPTIC.label_space
   raw = pp.maskwise_panoptic_inference(mask_logits, class_logits, (13, 17),
                                        space, _cityscapes_layer(opts).options)
-  assert np.all(raw[pp.MASKWISE_SEMANTIC_PRED].numpy()[1] == 0)
+  assert np.all(raw[keys.MASKWISE_SEMANTIC_PRED].numpy()[1] == 0)
 
 
 def test_dynamic_shapes_and_xla_agree_with_eager():
@@ -368,10 +375,26 @@ def test_dynamic_shapes_and_xla_agree_with_eager():
 def test_upsampling_is_corner_aligned_bilinear():
   rng = np.random.default_rng(0)
   logits = rng.standard_normal((1, 5, 7, 3)).astype(np.float32)
-  ours = pp.upsample_mask_logits(logits, (17, 25)).numpy()[0]
+  ours = resize.bilinear(logits, (17, 25)).numpy()[0]
   np.testing.assert_allclose(ours, _resize_align_corners(logits[0], 17, 25),
                              atol=1e-5)
   np.testing.assert_array_equal(ours[::4, ::4], logits[0])
+
+
+def test_convertible_forms_equal_the_batched_ops():
+  """The ONNX-convertible rank-order gather and per-image segment areas
+  equal the direct batched ops, exactly."""
+  rng = np.random.default_rng(5)
+  masks = tf.constant(rng.random((3, 40, 7)) > 0.6)  # [B, P, N]
+  rank_to_slot = tf.constant(np.stack([rng.permutation(7) for _ in range(3)]),
+                             tf.int32)
+  np.testing.assert_array_equal(
+      pp.masks_in_rank_order(masks, rank_to_slot).numpy(),
+      tf.gather(masks, rank_to_slot, axis=-1, batch_dims=1).numpy())
+  ids = rng.integers(0, 5, (3, 40)).astype(np.int32)
+  expected = np.stack([np.bincount(row, minlength=5)[row] for row in ids])
+  np.testing.assert_array_equal(
+      pp._area_of_own_segment(tf.constant(ids), 5).numpy(), expected)
 
 
 def test_config_round_trip_and_from_options():
@@ -379,19 +402,22 @@ def test_config_round_trip_and_from_options():
   layer = _cityscapes_layer(opts, output_size=(13, 17))
   clone = pp.MaskWisePostProcessor.from_config(layer.get_config())
   assert clone.get_config() == layer.get_config()
-  evaluator_options = types.SimpleNamespace(
+  evaluator_options = evaluator_pb2.EvaluatorOptions(
       transformer_post_processing='maskwise',
       pixel_confidence_threshold=0.4, thing_area_limit=40,
       stuff_area_limit=120,
-      maskwise_postprocessing=types.SimpleNamespace(
+      maskwise_postprocessing=evaluator_pb2.EvaluatorOptions.
+      MaskwisePostProcessingOptions(
           transformer_class_confidence_threshold_thing=0.5,
           transformer_class_confidence_threshold_stuff=0.3,
           overlapping_threshold=0.9, reorder_class_weight=1.0,
           reorder_mask_weight=0.0))
   built = pp.MaskWisePostProcessor.from_options(
-      evaluator_options, thing_class_ids=_CITYSCAPES_THINGS,
-      ignore_label=255, label_divisor=1000, output_size=(13, 17))
-  assert built.options == layer.options
+      evaluator_options, dataset_info.CITYSCAPES_PANOPTIC.label_space,
+      output_size=(13, 17))
+  # The proto stores float32: equal to the Python floats to that rounding.
+  assert dataclasses.asdict(built.options) == pytest.approx(
+      dataclasses.asdict(layer.options), rel=1e-7)
   mask_logits, class_logits = _designed_case(4)
   a = clone(mask_logits, class_logits)
   b = built(mask_logits, class_logits)
@@ -400,9 +426,9 @@ def test_config_round_trip_and_from_options():
 
 
 def test_label_space_orders_things_first():
-  space = pp.PanopticLabelSpace.derive(19, _CITYSCAPES_THINGS, 255, 1000)
+  space = label_space.LabelSpace(19, 255, 1000, _CITYSCAPES_THINGS)
   assert space.semantic_ids == _CITYSCAPES_THINGS + _CITYSCAPES_STUFF
-  coco = pp.PanopticLabelSpace.derive(133, range(1, 81), 0, 256)
+  coco = label_space.LabelSpace(134, 0, 256, range(1, 81))
   assert coco.semantic_ids == tuple(range(1, 134))
 
 
@@ -419,8 +445,8 @@ def test_bad_inputs_raise_clear_errors():
     layer(mask_logits, class_logits[:, :10], (13, 17))
   with pytest.raises(ValueError, match='maskwise'):
     pp.MaskWisePostProcessor.from_options(
-        {'transformer_post_processing': 'pixelwise'},
-        thing_class_ids=_CITYSCAPES_THINGS, ignore_label=255,
-        label_divisor=1000)
+        evaluator_pb2.EvaluatorOptions(
+            transformer_post_processing='pixelwise'),
+        dataset_info.CITYSCAPES_PANOPTIC.label_space)
   with pytest.raises(ValueError, match='distinct'):
-    pp.PanopticLabelSpace((1, 2), (2, 3), 0, 256)
+    label_space.LabelSpace(4, 0, 256, (1, 2, 2))

@@ -9,8 +9,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from deeplab_kmax import keys
 from deeplab_kmax import predict
 from deeplab_kmax import temp_files
+from deeplab_kmax.data import coco_panoptic
 from deeplab_kmax.data import dataset_info
 from deeplab_kmax.export import serving
 from tests.export import helpers
@@ -100,34 +102,6 @@ def test_unreadable_files_raise_image_read_error(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_segment_id_png_encoding_round_trips():
-  ids = np.array([[0, 1, 255], [256, 65535, 65536 * 3 + 7]], np.int64)
-  rgb = predict.encode_segment_ids(ids)
-  np.testing.assert_array_equal(rgb[1, 2], (7, 0, 3))
-  np.testing.assert_array_equal(predict.decode_segment_ids(rgb), ids)
-  with pytest.raises(ValueError, match='2\\^24'):
-    predict.encode_segment_ids(np.array([[256**3]]))
-
-
-def test_panoptic_segments_describe_each_segment():
-  panoptic = np.zeros((4, 6), np.int32)  # void
-  panoptic[:, 3:] = 81 * 256  # banner (stuff), COCO category 92
-  panoptic[1:3, 0:2] = 1 * 256 + 4  # person instance 4
-  scores = np.where(panoptic == 81 * 256, 0.5, 0.0).astype(np.float32)
-  scores[1:3, 0:2] = [[0.9, 0.7], [0.9, 0.7]]
-  segment_map, segments = predict.panoptic_segments(panoptic, scores, COCO)
-  assert [s['id'] for s in segments] == [1, 2]
-  person, banner = segments
-  assert person == {
-      'id': 1, 'category_id': 1, 'category_name': 'person', 'semantic_id': 1,
-      'instance_id': 4, 'panoptic_id': 260, 'isthing': True, 'iscrowd': 0,
-      'score': pytest.approx(0.8), 'area': 4, 'bbox': [0, 1, 2, 2]}
-  assert banner['category_id'] == 92 and not banner['isthing']
-  assert banner['bbox'] == [3, 0, 3, 4] and banner['area'] == 12
-  np.testing.assert_array_equal(segment_map == 0, panoptic == 0)
-  np.testing.assert_array_equal(segment_map == 1, panoptic == 260)
-
-
 def _fake_predictor():
   """Maps with a thing on the left half and stuff on the right."""
 
@@ -138,8 +112,8 @@ def _fake_predictor():
     panoptic[0, -1] = 0
     maps = {key: np.zeros((height, width), np.float32)
             for key in serving.OUTPUT_KEYS}
-    maps[serving.PANOPTIC_PRED] = panoptic
-    maps[serving.SEMANTIC_SCORES] = np.full((height, width), 0.75, np.float32)
+    maps[keys.PANOPTIC_PRED] = panoptic
+    maps[keys.SEMANTIC_SCORES] = np.full((height, width), 0.75, np.float32)
     return maps
 
   return predict.Predictor(run, COCO, 'fake')
@@ -168,7 +142,7 @@ def test_predict_files_writes_png_json_overlay_and_reports_failures(tmp_path):
                           'x_overlay.png', 'x_2_panoptic.png',
                           'x_2_segments.json', 'x_2_overlay.png',
                           'predictions.json'])
-  segment_ids = predict.decode_segment_ids(
+  segment_ids = coco_panoptic.decode_segment_ids(
       np.asarray(Image.open(out / 'x_panoptic.png')))
   assert segment_ids.shape == (40, 50)
   annotation = json.loads((out / 'x_segments.json').read_text())
@@ -280,7 +254,7 @@ def test_failed_image_leaves_no_files_of_an_earlier_run(tmp_path):
 
 def _panoptic_from_outputs(out_dir, stem):
   """Panoptic ids recovered from the PNG + JSON the CLI wrote."""
-  segment_ids = predict.decode_segment_ids(
+  segment_ids = coco_panoptic.decode_segment_ids(
       np.asarray(Image.open(out_dir / f'{stem}_panoptic.png')))
   annotation = json.loads((out_dir / f'{stem}_segments.json').read_text())
   panoptic = np.zeros(segment_ids.shape, np.int64)  # void = 0 for COCO
@@ -311,14 +285,18 @@ def test_cli_with_saved_model(tmp_path):
   assert result.returncode == 1, result.stderr[-3000:]
   assert 'corrupt.jpg' in result.stderr
   assert 'Wrote predictions for 2 of 3 images' in result.stdout
-  expected = bundle.keras_maps[serving.PANOPTIC_PRED]
+  expected = bundle.keras_maps[keys.PANOPTIC_PRED]
   for stem in ('sample', 'sample_rgba'):
     np.testing.assert_array_equal(_panoptic_from_outputs(out, stem), expected)
     raw = np.load(out / f'{stem}_raw.npz')
-    np.testing.assert_array_equal(raw[serving.SEMANTIC_PRED],
-                                  bundle.keras_maps[serving.SEMANTIC_PRED])
+    np.testing.assert_array_equal(raw[keys.SEMANTIC_PRED],
+                                  bundle.keras_maps[keys.SEMANTIC_PRED])
   overlay = np.asarray(Image.open(out / 'sample_overlay.png'))
-  assert overlay.shape == image.shape
+  # The CLI enlarges overlays by a whole factor to >= 512 px on the long
+  # side (--overlay_min_size); the panoptic PNG keeps the image's size.
+  factor = -(-512 // max(image.shape[:2]))
+  assert overlay.shape == (image.shape[0] * factor, image.shape[1] * factor,
+                           3)
 
 
 def test_cli_reports_usage_errors(tmp_path):
@@ -338,8 +316,8 @@ def test_checkpoint_predictor_matches_keras():
   predictor = predict.checkpoint_predictor(bundle.config,
                                            bundle.checkpoint_path)
   maps = predictor(helpers.sample_image())
-  for key in (serving.PANOPTIC_PRED, serving.SEMANTIC_PRED,
-              serving.INSTANCE_PRED):
+  for key in (keys.PANOPTIC_PRED, keys.SEMANTIC_PRED,
+              keys.INSTANCE_PRED):
     np.testing.assert_array_equal(maps[key], bundle.keras_maps[key],
                                   err_msg=key)
   assert predictor.info.name == 'coco_panoptic'

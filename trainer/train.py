@@ -1,7 +1,7 @@
 r"""Trains and evaluates kMaX-DeepLab from a DeepLab2-style experiment config.
 
   python trainer/train.py \
-      --config_file=configs/coco/kmax_meta_r50_os32.textproto \
+      --config_file=configs/coco/kmax_meta_r50.textproto \
       --mode=train_and_eval --model_dir=/tmp/kmax --num_gpus=8
 
 Modes: train, eval, train_and_eval, continuous_eval. Everything goes to

@@ -6,6 +6,9 @@
   config = config_lib.override(config, {'train_dataset_options.batch_size': 8})
   config_lib.validate(config)
 
+Entry points load configs with `load_experiment(path, overrides, mode=...)`
+(load, overrides, `${VAR}`s, every check for the mode; see `prepare`).
+
 The schema (`config_pb2.ExperimentOptions` and the messages it re-exports)
 accepts DeepLab2's kMaX-DeepLab textproto configs unchanged.
 """
@@ -20,12 +23,15 @@ from deeplab_kmax.config.loader import ConfigError
 from deeplab_kmax.config.loader import load_config
 from deeplab_kmax.config.loader import parse_config
 from deeplab_kmax.config.overrides import apply_override_flags
-from deeplab_kmax.config.overrides import load_for_inference
 from deeplab_kmax.config.overrides import override
 from deeplab_kmax.config.overrides import override_from_text
 from deeplab_kmax.config.overrides import parse_override_flags
+from deeplab_kmax.config.prepare import load_experiment
+from deeplab_kmax.config.prepare import prepare_config
 from deeplab_kmax.config.resolve import transformer_decoder_drop_path_keep_prob
 from deeplab_kmax.config.validation import find_problems
+from deeplab_kmax.config.validation import INFERENCE
+from deeplab_kmax.config.validation import TRAINING_MODES
 from deeplab_kmax.config.validation import validate
 
 ExperimentOptions = config_pb2.ExperimentOptions
@@ -33,6 +39,8 @@ ExperimentOptions = config_pb2.ExperimentOptions
 __all__ = [
     'ConfigError',
     'ExperimentOptions',
+    'INFERENCE',
+    'TRAINING_MODES',
     'apply_override_flags',
     'config_pb2',
     'dataset_pb2',
@@ -40,12 +48,13 @@ __all__ = [
     'expand_environment_variables',
     'find_problems',
     'load_config',
-    'load_for_inference',
+    'load_experiment',
     'model_pb2',
     'override',
     'override_from_text',
     'parse_config',
     'parse_override_flags',
+    'prepare_config',
     'trainer_pb2',
     'transformer_decoder_drop_path_keep_prob',
     'validate',

@@ -10,19 +10,15 @@ import re
 from typing import List
 
 from deeplab_kmax.config import loader
+from deeplab_kmax.config import validation
 
 _PLACEHOLDER = re.compile(r'\$\{(\w+)\}')
 
 
 def _sections_for_mode(mode: str) -> List[str]:
   """Top-level config sections a mode reads (for placeholder checks)."""
-  sections = ['experiment_name', 'model_options', 'trainer_options',
-              'evaluator_options']
-  if 'train' in mode:
-    sections.append('train_dataset_options')
-  if 'eval' in mode:
-    sections.append('eval_dataset_options')
-  return sections
+  return ['experiment_name', 'model_options', 'trainer_options',
+          'evaluator_options', *validation.mode_needs(mode).datasets]
 
 
 def expand_environment_variables(config, mode: str = 'train_and_eval',

@@ -14,6 +14,10 @@ Values may be Python values or strings (as they come from a command line);
 strings are converted to the field's type: "true"/"false" for bools,
 "[129, 129]" or "129,129" for repeated numbers, JSON objects (lists of them)
 for (repeated) message fields.
+
+Every command line (train, export, predict) takes --config_override values
+in one grammar that accepts both spellings, flag by flag
+(`apply_override_flags`), through `prepare.load_experiment`.
 """
 
 import json
@@ -24,9 +28,7 @@ from google.protobuf import descriptor as descriptor_lib
 from google.protobuf import message as message_lib
 
 from deeplab_kmax.config import config_pb2
-from deeplab_kmax.config import environment
 from deeplab_kmax.config import loader
-from deeplab_kmax.config import validation
 
 _FieldDescriptor = descriptor_lib.FieldDescriptor
 ConfigError = loader.ConfigError
@@ -89,22 +91,6 @@ def apply_override_flags(config: config_pb2.ExperimentOptions,
       config = override_from_text(config, flag,
                                   source=f'--config_override={flag!r}')
   return config
-
-
-# The dataset section inference (export, prediction) runs the model on.
-INFERENCE_DATASETS = ('eval_dataset_options',)
-
-
-def load_for_inference(path: str, override_flags: Iterable[str] = ()
-                       ) -> config_pb2.ExperimentOptions:
-  """The config as export and prediction read it: `${VAR}`s expanded leniently
-  (only the paths inference reads must be set), then --config_override's,
-  then the checks training runs (`validation.validate`) for the eval data."""
-  config = environment.expand_environment_variables(
-      loader.load_config(path), 'eval', strict=False)
-  config = apply_override_flags(config, override_flags)
-  return validation.validate(config, source=path,
-                             datasets=INFERENCE_DATASETS)
 
 
 def parse_override_flags(flags: Iterable[str]) -> dict:

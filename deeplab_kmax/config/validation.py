@@ -2,16 +2,20 @@
 
 The checks catch values that parse but cannot work (a crop size with three
 entries, an optimizer name the trainer does not know, a keep probability of
-1.5, ...) and report all of them at once. They do not check that files or
-datasets exist: that is the job of the code that opens them.
+1.5, ...) and report all of them at once. Rules that depend on what runs
+(training needs the train data, evaluation one image per batch) are keyed by
+the run's mode (`MODE_NEEDS`). They do not check that files or datasets
+exist: that is the job of the code that opens them (`prepare`).
 """
 
+import dataclasses
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from google.protobuf import descriptor as descriptor_lib
 
 from deeplab_kmax.config import config_pb2
+from deeplab_kmax import precision_options
 from deeplab_kmax.config import loader
 from deeplab_kmax.layers import cluster_options
 
@@ -31,6 +35,47 @@ OUTPUT_STRIDES = (8, 16, 32)
 DATASET_SECTIONS = ('train_dataset_options', 'eval_dataset_options')
 
 
+@dataclasses.dataclass(frozen=True)
+class ModeNeeds:
+  """What a mode runs, hence which mode-specific rules apply to it."""
+  trains: bool = False
+  evaluates: bool = False  # Runs the evaluator over eval_dataset_options.
+  serves: bool = False  # Export / prediction with the eval preprocessing.
+
+  @property
+  def datasets(self) -> Tuple[str, ...]:
+    """Dataset sections the model runs on: they must be present and, for
+    kMaX backbones, have a 32k+1 crop."""
+    return tuple(name for name, used in zip(
+        DATASET_SECTIONS, (self.trains, self.evaluates or self.serves))
+                 if used)
+
+  @property
+  def reads_dataset_files(self) -> bool:
+    """Whether the mode opens the datasets' files (and every `${VAR}` of the
+    sections it reads must be set)."""
+    return self.trains or self.evaluates
+
+
+INFERENCE = 'inference'
+MODE_NEEDS: Dict[str, ModeNeeds] = {
+    'train': ModeNeeds(trains=True),
+    'eval': ModeNeeds(evaluates=True),
+    'train_and_eval': ModeNeeds(trains=True, evaluates=True),
+    'continuous_eval': ModeNeeds(evaluates=True),
+    INFERENCE: ModeNeeds(serves=True),
+}
+# The modes of the trainer (`trainer/train.py --mode`).
+TRAINING_MODES = tuple(m for m in MODE_NEEDS if m != INFERENCE)
+
+
+def mode_needs(mode: str) -> ModeNeeds:
+  if mode not in MODE_NEEDS:
+    raise ValueError(f'Unknown mode {mode!r}; expected one of '
+                     f'{tuple(MODE_NEEDS)}.')
+  return MODE_NEEDS[mode]
+
+
 def kmax_crop_problem(crop_size: Sequence[int], field: str) -> Optional[str]:
   """Why `crop_size` cannot feed a kMaX backbone, or None if it can.
 
@@ -48,32 +93,27 @@ def kmax_crop_problem(crop_size: Sequence[int], field: str) -> Optional[str]:
           f'(size - 1) divisible by {KMAX_OUTPUT_STRIDE}, e.g. {suggestion}')
 
 
+def check_kmax_crop(crop_size: Sequence[int], field: str) -> None:
+  """Raises ConfigError unless `crop_size` can feed a kMaX backbone."""
+  problem = kmax_crop_problem(crop_size, field)
+  if problem:
+    raise loader.ConfigError(problem + '.', field=field)
+
+
 def find_problems(config: config_pb2.ExperimentOptions,
-                  datasets: Sequence[str] = ()) -> List[str]:
+                  mode: Optional[str] = None) -> List[str]:
   """Returns one human-readable line per invalid value (empty if none).
 
   Args:
     config: the experiment config.
-    datasets: dataset sections the caller will run the model on (training
-      needs `train_dataset_options`, evaluation, export and prediction
-      `eval_dataset_options`): they must be present and, for kMaX
-      backbones, have a 32k+1 crop.
+    mode: what will run (a key of `MODE_NEEDS`); None checks only the
+      rules that hold whatever runs.
   """
   problems: List[str] = []
   report = problems.append
   _check_finite(config, '', report)
-  is_kmax = config.model_options.backbone.name.startswith('kmax_')
-  for name in datasets:
-    if name not in DATASET_SECTIONS:
-      raise ValueError(f'Unknown dataset section {name!r}; expected one of '
-                       f'{DATASET_SECTIONS}.')
-    if not config.HasField(name):
-      report(f'{name} is missing; it is needed to run the model')
-    elif is_kmax:
-      problem = kmax_crop_problem(getattr(config, name).crop_size,
-                                  f'{name}.crop_size')
-      if problem:
-        report(problem)
+  if mode is not None:
+    _check_mode(config, mode_needs(mode), report)
   _check_model(config.model_options, report)
   _check_trainer(config.trainer_options, report)
   for name in ('train_dataset_options', 'eval_dataset_options'):
@@ -85,13 +125,13 @@ def find_problems(config: config_pb2.ExperimentOptions,
 
 def validate(config: config_pb2.ExperimentOptions,
              source: Optional[str] = None,
-             datasets: Sequence[str] = ()) -> config_pb2.ExperimentOptions:
+             mode: Optional[str] = None) -> config_pb2.ExperimentOptions:
   """Raises ConfigError listing every problem; returns `config` if none.
 
-  Every entry point (training, evaluation, export, prediction) calls this,
-  naming the dataset sections it uses in `datasets` (see `find_problems`).
+  Every entry point (training, evaluation, export, prediction) calls this
+  through `prepare.prepare_config`, naming its mode (see `find_problems`).
   """
-  problems = find_problems(config, datasets)
+  problems = find_problems(config, mode)
   if problems:
     where = f'{source}: ' if source else ''
     raise loader.ConfigError(
@@ -113,6 +153,24 @@ def _one_of(value: str, allowed, name: str, report: _Report) -> None:
   if value not in allowed:
     report(f'{name} is {value!r}; expected one of '
            f'{", ".join(repr(a) for a in allowed)}')
+
+
+def _check_mode(config: config_pb2.ExperimentOptions, needs: ModeNeeds,
+                report: _Report) -> None:
+  is_kmax = config.model_options.backbone.name.startswith('kmax_')
+  for name in needs.datasets:
+    if not config.HasField(name):
+      report(f'{name} is missing; it is needed to run the model')
+    elif is_kmax:
+      problem = kmax_crop_problem(getattr(config, name).crop_size,
+                                  f'{name}.crop_size')
+      if problem:
+        report(problem)
+  batch_size = config.eval_dataset_options.batch_size
+  if (needs.evaluates and config.HasField('eval_dataset_options') and
+      batch_size != 1):
+    report(f'eval_dataset_options.batch_size is {batch_size}; evaluation '
+           'runs one image per batch (set it to 1)')
 
 
 def _check_finite(message, prefix: str, report: _Report) -> None:
@@ -281,6 +339,8 @@ def _check_trainer(trainer: config_pb2.TrainerOptions,
               low_open=True)
   _one_of(losses.hungarian_matcher, ('deeplab2', 'exact'),
           'trainer_options.loss_options.hungarian_matcher', report)
+  _one_of(trainer.mixed_precision, precision_options.TRAINING_PRECISIONS,
+          'trainer_options.mixed_precision', report)
   if (losses.HasField('semantic_loss') and
       losses.semantic_loss.name != 'softmax_cross_entropy'):
     report('trainer_options.loss_options.semantic_loss.name is '

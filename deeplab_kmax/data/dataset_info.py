@@ -46,6 +46,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 
 from deeplab_kmax.data import category_tables
+from deeplab_kmax.data import label_space as label_space_lib
 
 Color = Tuple[int, int, int]
 
@@ -92,24 +93,25 @@ class DatasetInfo:
     return hash((self.name, self.num_classes, self.panoptic_label_divisor))
 
   @property
+  def label_space(self) -> label_space_lib.LabelSpace:
+    """The ids and class-head order every model part reads (built once)."""
+    return self._label_space  # Set by _validate.
+
+  @property
   def thing_class_ids(self) -> Tuple[int, ...]:
-    return tuple(self.class_has_instances_list)
+    return self.label_space.thing_class_ids
 
   @property
   def stuff_class_ids(self) -> Tuple[int, ...]:
-    """Every non-void class without instances, sorted."""
-    things = set(self.class_has_instances_list)
-    return tuple(i for i in range(self.num_classes)
-                 if i != self.ignore_label and i not in things)
+    return self.label_space.stuff_class_ids
 
   @property
   def num_thing_stuff_classes(self) -> int:
-    """Classes other than void (the model's class head predicts these + 1)."""
-    return len(self.thing_class_ids) + len(self.stuff_class_ids)
+    return self.label_space.num_thing_stuff_classes
 
   @property
   def panoptic_ignore_label(self) -> int:
-    return self.ignore_label * self.panoptic_label_divisor
+    return self.label_space.panoptic_ignore_label
 
   def contiguous_to_source(self) -> Dict[int, int]:
     """Inverse of `source_to_contiguous` over non-void classes."""
@@ -177,21 +179,17 @@ class DatasetInfo:
 
 
 def _validate(info: DatasetInfo) -> None:
-  """Rejects descriptors whose labels could not be encoded or decoded."""
+  """Rejects descriptors whose labels could not be encoded or decoded, and
+  builds the label space (stored once: the dataclass is frozen)."""
   where = f'dataset {info.name!r}'
-  if info.panoptic_label_divisor <= 0:
-    raise ValueError(f'{where}: panoptic_label_divisor must be positive, got '
-                     f'{info.panoptic_label_divisor}.')
-  if not 0 <= info.ignore_label < info.panoptic_label_divisor:
-    raise ValueError(f'{where}: ignore_label must be in [0, '
-                     f'panoptic_label_divisor={info.panoptic_label_divisor}), '
-                     f'got {info.ignore_label}.')
-  if info.num_classes <= 0:
-    raise ValueError(f'{where}: num_classes must be positive.')
-  for class_id in info.class_has_instances_list:
-    if not 0 <= class_id < info.num_classes or class_id == info.ignore_label:
-      raise ValueError(f'{where}: thing class {class_id} is not a class id in '
-                       f'[0, {info.num_classes}) other than the ignore label.')
+  try:
+    space = label_space_lib.LabelSpace(
+        num_classes=info.num_classes, ignore_label=info.ignore_label,
+        label_divisor=info.panoptic_label_divisor,
+        thing_class_ids=info.class_has_instances_list)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
+  object.__setattr__(info, '_label_space', space)
   for source_id, class_id in info.source_to_contiguous.items():
     if class_id != info.ignore_label and not 0 <= class_id < info.num_classes:
       raise ValueError(f'{where}: source category {source_id} maps to {class_id}'

@@ -200,8 +200,8 @@ def create_dataset(
   if input_context is not None:
     batch_size = input_context.get_per_replica_batch_size(batch_size)
 
-  decoder = tfrecord_codec.ExampleDecoder(bool(
-      getattr(dataset_options, 'decode_groundtruth_label', True)))
+  decoder = tfrecord_codec.ExampleDecoder(
+      dataset_options.decode_groundtruth_label)
   generator = sample_generator_lib.generator_from_options(
       dataset_options, info, is_training,
       center_targets=center_targets,

@@ -41,6 +41,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from deeplab_kmax import cli_errors
+from deeplab_kmax.data import coco_panoptic
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import shard_files
 from deeplab_kmax.data.label_format import encode_panoptic_label
@@ -167,12 +168,6 @@ def open_image(data: bytes, path: str, task: ImageTask) -> Image.Image:
     return image
 
 
-def segment_ids_from_rgb(rgb: np.ndarray) -> np.ndarray:
-  """[H, W, 3] uint8 PNG colours -> [H, W] segment ids, R + 256 G + 65536 B."""
-  rgb = rgb.astype(np.int64)
-  return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
 def build_panoptic_label(segment_ids: np.ndarray,
                          segments: Sequence[Mapping[str, Any]],
                          spec: LabelSpec, where: str) -> np.ndarray:
@@ -247,7 +242,7 @@ def convert_image(task: ImageTask, spec: LabelSpec) -> ConvertedImage:
           f'{_describe(task)}: panoptic PNG {task.label_path} is '
           f'{png.size[1]}x{png.size[0]} but the image is {height}x{width}.')
     where = f'{_describe(task)}, label {task.label_path}'
-    label = build_panoptic_label(segment_ids_from_rgb(np.asarray(png)),
+    label = build_panoptic_label(coco_panoptic.decode_segment_ids(png),
                                  task.segments or (), spec, where)
     label_data = encode_panoptic_label(label)
   return ConvertedImage(image_data, task.image_format, task.stem, height,

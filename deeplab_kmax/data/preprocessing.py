@@ -12,11 +12,12 @@ interpolation for the image and nearest neighbour for the label (corners
 aligned, as DeepLab2 does), so the two stay aligned.
 """
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Collection, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 
 from deeplab_kmax.data import autoaugment
+from deeplab_kmax.ops import resize
 
 MEAN_PIXEL = 127.5
 FLIP_PROBABILITY = 0.5
@@ -93,11 +94,9 @@ def range_resize_shape(height: tf.Tensor, width: tf.Tensor,
 def resize_image_and_label(image: tf.Tensor, label: Optional[tf.Tensor],
                            size: tf.Tensor) -> ImageAndLabel:
   """Bilinear image / nearest label resize with aligned corners."""
-  image = tf.raw_ops.ResizeBilinear(images=image[tf.newaxis], size=size,
-                                    align_corners=True)[0]
+  image = resize.bilinear(image[tf.newaxis], size)[0]
   if label is not None:
-    label = tf.raw_ops.ResizeNearestNeighbor(images=label[tf.newaxis],
-                                             size=size, align_corners=True)[0]
+    label = resize.nearest(label[tf.newaxis], size)[0]
   return image, label
 
 
@@ -260,3 +259,35 @@ def preprocess(image: tf.Tensor, label: Optional[tf.Tensor], *,
   image, label = random_crop([image, label], crop_height, crop_width)
   image, label = random_flip_left_right([image, label])
   return resized_image, image, label
+
+
+def undo_eval_preprocessing(maps: Mapping[str, tf.Tensor],
+                            resized_size: tf.Tensor,
+                            output_size: tf.Tensor,
+                            bilinear_keys: Collection[str] = ()
+                            ) -> Dict[str, tf.Tensor]:
+  """Brings predictions on an evaluation crop back to the raw image.
+
+  The inverse of the evaluation branch of `preprocess`, as DeepLab2's
+  evaluator applies it: the bottom/right padding is cropped off, then the
+  image part is resized to the raw size, corners aligned.
+
+  Args:
+    maps: [B, crop_h, crop_w] maps keyed by name.
+    resized_size: [2] size of the image part (top-left) of the crop.
+    output_size: [2] raw image size.
+    bilinear_keys: maps resized bilinearly (smooth probabilities); all others
+      take nearest neighbour, so ids stay ids.
+
+  Returns:
+    [B, H, W] maps, each of its input's dtype.
+  """
+  restored = {}
+  for key, value in maps.items():
+    part = value[:, :resized_size[0], :resized_size[1], tf.newaxis]
+    if key in bilinear_keys:
+      part = resize.bilinear(part, output_size)
+    else:
+      part = resize.nearest(part, output_size)
+    restored[key] = tf.cast(part[..., 0], value.dtype)
+  return restored

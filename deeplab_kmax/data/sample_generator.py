@@ -33,27 +33,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from deeplab_kmax import keys
+from deeplab_kmax.config import dataset_pb2
 from deeplab_kmax.data import copy_paste
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import preprocessing
-
-IMAGE = 'image'
-RESIZED_IMAGE = 'resized_image'
-IMAGE_NAME = 'image_name'
-GT_SIZE_RAW = 'size_raw'
-GT_SEMANTIC = 'semantic_gt'
-GT_PANOPTIC = 'panoptic_gt'
-GT_IS_CROWD = 'is_crowd_gt'
-SEMANTIC_LOSS_WEIGHT = 'semantic_loss_weight'
-GT_THING_ID_MASK = 'thing_id_mask_gt'
-GT_THING_ID_CLASS = 'thing_id_class_gt'
-CENTER_LOSS_WEIGHT = 'center_loss_weight'
-REGRESSION_LOSS_WEIGHT = 'regression_loss_weight'
-GT_INSTANCE_CENTER = 'instance_center_gt'
-GT_INSTANCE_REGRESSION = 'instance_regression_gt'
-GT_SEMANTIC_RAW = 'semantic_raw'
-GT_PANOPTIC_RAW = 'panoptic_raw'
-GT_IS_CROWD_RAW = 'is_crowd_raw'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +48,13 @@ class CopyPasteOptions:
   void_option: str = 'none'
 
   @classmethod
-  def from_proto(cls, message: Any) -> 'CopyPasteOptions':
+  def from_proto(cls, message) -> 'CopyPasteOptions':
+    """From `augmentations.panoptic_copy_paste` (validated by the config)."""
     return cls(
-        scale=float(message.panoptic_copy_paste_scale),
-        thing_option=message.panoptic_copy_paste_thing_option or 'all',
-        stuff_option=message.panoptic_copy_paste_stuff_option or 'random',
-        void_option=message.panoptic_copy_paste_void_option or 'none')
+        scale=message.panoptic_copy_paste_scale,
+        thing_option=message.panoptic_copy_paste_thing_option,
+        stuff_option=message.panoptic_copy_paste_stuff_option,
+        void_option=message.panoptic_copy_paste_void_option)
 
 
 def split_panoptic(label: tf.Tensor, info: dataset_info_lib.DatasetInfo):
@@ -175,8 +160,8 @@ class InstanceTargets:
         canvas, indices, tf.tile(tf.constant(self._blob), [num_instances]))
     heatmap = canvas[self._pad_before:self._pad_before + height,
                      self._pad_before:self._pad_before + width]
-    return {GT_INSTANCE_CENTER: heatmap,
-            GT_INSTANCE_REGRESSION: tf.cast(offsets, tf.float32)}
+    return {keys.GT_INSTANCE_CENTER: heatmap,
+            keys.GT_INSTANCE_REGRESSION: tf.cast(offsets, tf.float32)}
 
   def _thing_targets(self, ids, index_of_pixel, area, is_instance,
                      pixel_is_instance, height, width):
@@ -206,9 +191,9 @@ class InstanceTargets:
 
     shape2d = tf.stack([height, width])
     return {
-        SEMANTIC_LOSS_WEIGHT: tf.reshape(weight, shape2d),
-        GT_THING_ID_MASK: tf.reshape(thing_id_mask, shape2d),
-        GT_THING_ID_CLASS: thing_id_class,
+        keys.SEMANTIC_LOSS_WEIGHT: tf.reshape(weight, shape2d),
+        keys.GT_THING_ID_MASK: tf.reshape(thing_id_mask, shape2d),
+        keys.GT_THING_ID_CLASS: thing_id_class,
     }
 
 
@@ -269,18 +254,19 @@ class PanopticSampleGenerator:
   def __call__(self, example: Mapping[str, Any],
                paste_example: Optional[Mapping[str, Any]] = None
                ) -> Dict[str, tf.Tensor]:
-    label = example.get('label')
+    label = example.get(keys.EXAMPLE_LABEL)
     if label is not None:
       label.shape.assert_is_compatible_with([None, None, 1])
       label = tf.cast(label, tf.int32)
     original_label = label
-    resized_image, image, label = self._preprocess(example['image'], label)
+    resized_image, image, label = self._preprocess(example[keys.IMAGE], label)
 
     if self._copy_paste is not None:
       if paste_example is None:
         raise ValueError('Copy-paste is enabled: pass a second example.')
       _, paste_image, paste_label = self._preprocess(
-          paste_example['image'], tf.cast(paste_example['label'], tf.int32),
+          paste_example[keys.IMAGE],
+          tf.cast(paste_example[keys.EXAMPLE_LABEL], tf.int32),
           scale_multiplier=self._copy_paste.scale,
           pad_value=self._paste_padding)
       image, label = copy_paste.panoptic_copy_paste(
@@ -288,92 +274,82 @@ class PanopticSampleGenerator:
           self._paste_padding, self._copy_paste.thing_option,
           self._copy_paste.stuff_option, self._copy_paste.void_option)
 
-    sample = {IMAGE: image}
+    sample = {keys.IMAGE: image}
     if label is not None:
       sample.update(self._label_targets(label[..., 0]))
     if not self._is_training:
-      sample[RESIZED_IMAGE] = resized_image
-      sample[IMAGE_NAME] = example['image_name']
-      sample[GT_SIZE_RAW] = tf.stack([example['height'], example['width']])
+      sample[keys.RESIZED_IMAGE] = resized_image
+      sample[keys.IMAGE_NAME] = example[keys.IMAGE_NAME]
+      sample[keys.GT_SIZE_RAW] = tf.stack([example[keys.EXAMPLE_HEIGHT],
+                                           example[keys.EXAMPLE_WIDTH]])
       if original_label is not None:
         semantic, _, _, crowd = split_panoptic(original_label[..., 0],
                                                self._info)
-        sample[GT_SEMANTIC_RAW] = semantic
+        sample[keys.GT_SEMANTIC_RAW] = semantic
         if not self._only_semantic:
-          sample[GT_PANOPTIC_RAW] = original_label[..., 0]
-          sample[GT_IS_CROWD_RAW] = crowd
+          sample[keys.GT_PANOPTIC_RAW] = original_label[..., 0]
+          sample[keys.GT_IS_CROWD_RAW] = crowd
     return sample
 
   def _label_targets(self, label: tf.Tensor) -> Dict[str, tf.Tensor]:
     semantic, panoptic, is_thing, is_crowd = split_panoptic(label, self._info)
     targets = {
-        GT_SEMANTIC: semantic,
-        SEMANTIC_LOSS_WEIGHT: tf.ones_like(semantic, tf.float32),
-        GT_IS_CROWD: is_crowd,
+        keys.GT_SEMANTIC: semantic,
+        keys.SEMANTIC_LOSS_WEIGHT: tf.ones_like(semantic, tf.float32),
+        keys.GT_IS_CROWD: is_crowd,
     }
     if self._only_semantic:
       return targets
     instance = self._targets(panoptic)
     targets.update({
-        GT_PANOPTIC: label,
-        SEMANTIC_LOSS_WEIGHT: instance[SEMANTIC_LOSS_WEIGHT],
+        keys.GT_PANOPTIC: label,
+        keys.SEMANTIC_LOSS_WEIGHT: instance[keys.SEMANTIC_LOSS_WEIGHT],
     })
     if self._center_targets:
       targets.update({
-          CENTER_LOSS_WEIGHT: tf.cast(
+          keys.CENTER_LOSS_WEIGHT: tf.cast(
               ~is_crowd & (semantic != self._info.ignore_label), tf.float32),
-          REGRESSION_LOSS_WEIGHT: tf.cast(~is_crowd & is_thing, tf.float32),
-          GT_INSTANCE_CENTER: instance[GT_INSTANCE_CENTER],
-          GT_INSTANCE_REGRESSION: instance[GT_INSTANCE_REGRESSION],
+          keys.REGRESSION_LOSS_WEIGHT: tf.cast(~is_crowd & is_thing,
+                                               tf.float32),
+          keys.GT_INSTANCE_CENTER: instance[keys.GT_INSTANCE_CENTER],
+          keys.GT_INSTANCE_REGRESSION: instance[keys.GT_INSTANCE_REGRESSION],
       })
     if self._thing_id_masks:
-      targets[GT_THING_ID_MASK] = instance[GT_THING_ID_MASK]
-      targets[GT_THING_ID_CLASS] = instance[GT_THING_ID_CLASS]
+      targets[keys.GT_THING_ID_MASK] = instance[keys.GT_THING_ID_MASK]
+      targets[keys.GT_THING_ID_CLASS] = instance[keys.GT_THING_ID_CLASS]
     return targets
 
 
-def _has_field(message: Any, name: str) -> bool:
-  """HasField for protos; `is not None` for plain option objects."""
-  has_field = getattr(message, 'HasField', None)
-  if has_field is not None:
-    try:
-      return bool(has_field(name))
-    except ValueError:  # Not a singular message field.
-      return bool(getattr(message, name, None))
-  return getattr(message, name, None) is not None
-
-
-def generator_from_options(options: Any, info: dataset_info_lib.DatasetInfo,
+def generator_from_options(options: dataset_pb2.DatasetOptions,
+                           info: dataset_info_lib.DatasetInfo,
                            is_training: bool,
                            only_semantic_annotations: bool = False,
                            center_targets: bool = True
                            ) -> PanopticSampleGenerator:
   """Builds the generator from a DatasetOptions message (DeepLab2 fields)."""
-  augment = options.augmentations if _has_field(options,
-                                                'augmentations') else None
+  augment = (options.augmentations if options.HasField('augmentations') else
+             None)
   copy_paste_options = None
-  if augment is not None and _has_field(augment, 'panoptic_copy_paste'):
+  if augment is not None and augment.HasField('panoptic_copy_paste'):
     copy_paste_options = CopyPasteOptions.from_proto(
         augment.panoptic_copy_paste)
-  small = bool(getattr(options, 'increase_small_instance_weights', False))
+  small = options.increase_small_instance_weights
   return PanopticSampleGenerator(
       info, is_training=is_training, crop_size=list(options.crop_size),
       min_resize_value=list(options.min_resize_value),
       max_resize_value=list(options.max_resize_value),
-      resize_factor=getattr(options, 'resize_factor', 0) or None,
+      resize_factor=options.resize_factor or None,  # 0: unset.
       min_scale_factor=augment.min_scale_factor if augment else 1.0,
       max_scale_factor=augment.max_scale_factor if augment else 1.0,
       scale_factor_step_size=augment.scale_factor_step_size if augment else 0,
       autoaugment_policy_name=(augment.autoaugment_policy_name
                                if augment else None),
       only_semantic=only_semantic_annotations,
-      thing_id_mask_annotations=bool(
-          getattr(options, 'thing_id_mask_annotations', False)),
-      max_thing_id=int(getattr(options, 'max_thing_id', 128) or 128),
-      sigma=float(getattr(options, 'sigma', 8.0) or 8.0),
-      small_instance_threshold=(int(options.small_instance_threshold)
+      thing_id_mask_annotations=options.thing_id_mask_annotations,
+      max_thing_id=options.max_thing_id,
+      sigma=options.sigma,
+      small_instance_threshold=(options.small_instance_threshold
                                 if small else 0),
-      small_instance_weight=(float(options.small_instance_weight)
-                             if small else 1.0),
+      small_instance_weight=options.small_instance_weight if small else 1.0,
       copy_paste_options=copy_paste_options,
       center_targets=center_targets)

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 
 import tensorflow as tf
 
+from deeplab_kmax import keys
 from deeplab_kmax.data.label_format import decode_panoptic_label
 from deeplab_kmax.data.label_format import encode_panoptic_label  # pylint: disable=unused-import
 # Shard naming lives with the rest of the shard-file rules.
@@ -102,8 +103,8 @@ def example_to_numpy(serialized: bytes) -> Dict[str, Any]:
 class ExampleDecoder:
   """Parses a serialized Example into image / label tensors (graph-safe).
 
-  Output: {'image': uint8 [H, W, 3], 'image_name': string, 'height': int32,
-  'width': int32, 'label': int32 [H, W, 1] or None}.
+  Output (see `keys`): `image` uint8 [H, W, 3], `image_name` string,
+  `height` and `width` int32, `label` int32 [H, W, 1] or None.
   """
 
   def __init__(self, decode_groundtruth_label: bool = True):
@@ -133,5 +134,6 @@ class ExampleDecoder:
       flat = tf.io.decode_raw(parsed[KEY_ENCODED_LABEL], tf.int32,
                               little_endian=True)
       label = tf.reshape(flat, tf.stack([height, width, 1]))
-    return {'image': image, 'image_name': parsed[KEY_IMAGE_FILENAME],
-            'height': height, 'width': width, 'label': label}
+    return {keys.IMAGE: image, keys.IMAGE_NAME: parsed[KEY_IMAGE_FILENAME],
+            keys.EXAMPLE_HEIGHT: height, keys.EXAMPLE_WIDTH: width,
+            keys.EXAMPLE_LABEL: label}

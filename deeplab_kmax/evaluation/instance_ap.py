@@ -33,14 +33,11 @@ from pycocotools import coco as coco_lib
 from pycocotools import cocoeval
 from pycocotools import mask as mask_lib
 
+from deeplab_kmax import keys
+
 # COCOeval.stats, in order.
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'AP_small', 'AP_medium', 'AP_large',
               'AR1', 'AR10', 'AR100', 'AR_small', 'AR_medium', 'AR_large')
-# Keys of the example dicts `update` reads.
-PANOPTIC_GT = 'panoptic_gt'
-PANOPTIC_PRED = 'panoptic_pred'
-SEMANTIC_SCORES = 'semantic_scores'
-INSTANCE_SCORES = 'instance_scores'
 
 
 def _encode(mask: np.ndarray) -> Dict[str, Any]:
@@ -103,10 +100,10 @@ class InstanceAveragePrecision:
   def update(self, example: Mapping[str, np.ndarray]) -> None:
     """Adds one image: [H, W] `panoptic_gt` and `panoptic_pred` (same size),
     optionally [H, W] `semantic_scores` / `instance_scores`."""
-    if PANOPTIC_GT not in example:
+    if keys.GT_PANOPTIC not in example:
       return
-    gt = np.asarray(example[PANOPTIC_GT])
-    pred = np.asarray(example[PANOPTIC_PRED])
+    gt = np.asarray(example[keys.GT_PANOPTIC])
+    pred = np.asarray(example[keys.PANOPTIC_PRED])
     if gt.shape != pred.shape:
       raise ValueError(f'Instance AP: ground truth {gt.shape} and prediction '
                        f'{pred.shape} differ in size.')
@@ -127,8 +124,8 @@ class InstanceAveragePrecision:
           'iscrowd': int(instance == 0),
       })
 
-    class_confidence = example.get(SEMANTIC_SCORES)
-    mask_probability = example.get(INSTANCE_SCORES)
+    class_confidence = example.get(keys.SEMANTIC_SCORES)
+    mask_probability = example.get(keys.INSTANCE_SCORES)
     for semantic, instance, mask in _segments(pred, self._divisor,
                                               self._thing_ids):
       if instance == 0:

@@ -31,16 +31,12 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 from PIL import Image
 
+from deeplab_kmax import keys
+from deeplab_kmax.data import coco_panoptic
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 
 FORMATS = ('coco_panoptic', 'two_channel_png', 'three_channel_png',
            'two_channel_numpy_array')
-PREDICTIONS_FILE = 'predictions.json'
-# Keys of the example dicts `update` reads.
-PANOPTIC_PRED = 'panoptic_pred'
-SEMANTIC_PRED = 'semantic_pred'
-SEMANTIC_SCORES = 'semantic_scores'
-IMAGE_NAME = 'image_name'
 
 
 def coco_image_id(name: str) -> Any:
@@ -95,7 +91,7 @@ class RawPredictionWriter:
       os.makedirs(os.path.join(self._staging, subdir))
 
   def _name(self, example: Mapping[str, Any]) -> str:
-    name = example.get(IMAGE_NAME)
+    name = example.get(keys.IMAGE_NAME)
     if isinstance(name, np.ndarray):
       name = name.item()
     if isinstance(name, bytes):
@@ -108,12 +104,12 @@ class RawPredictionWriter:
     if self._staging is None:
       self.reset()
     name = self._name(example)
-    panoptic = np.asarray(example[PANOPTIC_PRED]).astype(np.int64)
+    panoptic = np.asarray(example[keys.PANOPTIC_PRED]).astype(np.int64)
     divisor = self._info.panoptic_label_divisor
     semantic, instance = np.divmod(panoptic, divisor)
-    if SEMANTIC_PRED in example:
+    if keys.SEMANTIC_PRED in example:
       _save_png(os.path.join(self._staging, 'raw_semantic', name + '.png'),
-                self._class_lookup[np.asarray(example[SEMANTIC_PRED])])
+                self._class_lookup[np.asarray(example[keys.SEMANTIC_PRED])])
     if self._format == 'coco_panoptic':
       self._write_coco(name, panoptic, example)
     else:
@@ -145,13 +141,12 @@ class RawPredictionWriter:
 
   def _write_coco(self, name: str, panoptic: np.ndarray,
                   example: Mapping[str, Any]) -> None:
-    from deeplab_kmax import predict  # pylint: disable=g-import-not-at-top
-    scores = example.get(SEMANTIC_SCORES)
+    scores = example.get(keys.SEMANTIC_SCORES)
     if scores is None:
       scores = np.ones(panoptic.shape, np.float32)
-    segment_map, segments = predict.panoptic_segments(panoptic, scores,
-                                                      self._info)
-    Image.fromarray(predict.encode_segment_ids(segment_map)).save(
+    segment_map, segments = coco_panoptic.panoptic_segments(panoptic, scores,
+                                                            self._info)
+    Image.fromarray(coco_panoptic.encode_segment_ids(segment_map)).save(
         os.path.join(self._staging, 'panoptic', name + '.png'))
     self._coco.append({
         'image_id': coco_image_id(name),
@@ -167,10 +162,10 @@ class RawPredictionWriter:
     if self._staging is None:
       return {}
     if self._format == 'coco_panoptic':
-      from deeplab_kmax import predict  # pylint: disable=g-import-not-at-top
-      with open(os.path.join(self._staging, PREDICTIONS_FILE), 'w') as f:
+      summary = os.path.join(self._staging, coco_panoptic.PREDICTIONS_FILE)
+      with open(summary, 'w') as f:
         json.dump({'annotations': self._coco,
-                   'categories': predict.categories(self._info)}, f)
+                   'categories': coco_panoptic.categories(self._info)}, f)
     old = os.path.join(os.path.dirname(self.staging_dir),
                        f'.{os.path.basename(self._output_dir)}.old')
     shutil.rmtree(old, ignore_errors=True)

@@ -5,8 +5,8 @@
   saved_model      all-or-nothing SavedModel writing; loading with metadata
   model_loading    config + checkpoint -> model with every weight restored
   rest_api         TF Serving REST request/response bodies and a client
-  numpy_pipeline   the pre/post-processing in NumPy (for ONNX runtimes)
-  onnx_export      tf2onnx conversion of the network; onnxruntime predictor
+  onnx_export      tf2onnx conversion of network + merge; onnxruntime
+                   predictor
   tflite_export    TFLite conversion of network + merge; interpreter predictor
   export_cli       the command line (`kmax-export`, trainer/export_model.py)
 """

@@ -15,6 +15,8 @@ complete; an existing --output_path is kept unless --overwrite is given.
 --onnx_path additionally writes the network as ONNX (needs the optional
 `deeplab_kmax[onnx]` packages); --tflite_path writes a TFLite model of the
 network and the mask-wise merge at a fixed crop size (docs/tflite.md).
+--precision=bfloat16|float16 runs the network in that dtype (outputs
+unchanged in dtype) and --jit_compile compiles it with XLA.
 
 Flags are defined by `run()` only, so importing this module has no side
 effects on other tools' flags.
@@ -27,8 +29,10 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
+from deeplab_kmax import checkpoint_io
 from deeplab_kmax import cli_errors
 from deeplab_kmax import config as config_lib
+from deeplab_kmax import precision_options
 from deeplab_kmax.export import model_loading
 from deeplab_kmax.export import saved_model
 
@@ -49,9 +53,9 @@ def _define_flags() -> None:
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --output_path.')
   flags.DEFINE_multi_string(
       'config_override', [],
-      'FIELD.PATH=VALUE overrides of the config, e.g. '
+      'Config overrides, FIELD.PATH=VALUE (e.g. '
       'eval_dataset_options.crop_size=[641,641] to serve at a lower '
-      'resolution. Repeatable.')
+      'resolution) or a textproto snippet. Repeatable.')
   flags.DEFINE_bool(
       'allow_partial_checkpoint', False,
       'Export even if the checkpoint lacks some model variables.')
@@ -66,6 +70,14 @@ def _define_flags() -> None:
   flags.DEFINE_enum(
       'tflite_quantization', 'none', ['none', 'float16', 'dynamic_range'],
       'Weight quantization of the TFLite model.')
+  flags.DEFINE_enum(
+      'precision', precision_options.FLOAT32,
+      list(precision_options.SERVING_PRECISIONS),
+      'Compute dtype of the exported network (float32 variables; outputs '
+      'float32 / int32 as always).')
+  flags.DEFINE_bool(
+      'jit_compile', False,
+      'Compile the network and the mask-wise merge with XLA.')
   flags.mark_flags_as_required(
       ['config_file', 'checkpoint_path', 'output_path'])
   cli_errors.define_verbose_flag()
@@ -73,7 +85,7 @@ def _define_flags() -> None:
 
 def _expected_errors():
   """Failures the user can fix: reported as a message, no traceback."""
-  return (config_lib.ConfigError, model_loading.IncompleteCheckpointError)
+  return (config_lib.ConfigError, checkpoint_io.IncompleteCheckpointError)
 
 
 def main(argv) -> int:
@@ -87,15 +99,17 @@ def main(argv) -> int:
       tflite_size = tflite_export.parse_size(FLAGS.tflite_size)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
-  config = config_lib.load_for_inference(FLAGS.config_file,
-                                         FLAGS.config_override or ())
+  config = config_lib.load_experiment(FLAGS.config_file,
+                                     FLAGS.config_override or (),
+                                     mode=config_lib.INFERENCE)
   output_path = FLAGS.output_path
   if tf.io.gfile.exists(output_path) and not FLAGS.overwrite:
     # Checked before the (slow) model build.
     raise FileExistsError(f'{output_path} already exists; pass --overwrite '
                           'to replace it.')
   module = model_loading.build_serving_module_from_checkpoint(
-      config, FLAGS.checkpoint_path, FLAGS.allow_partial_checkpoint)
+      config, FLAGS.checkpoint_path, FLAGS.allow_partial_checkpoint,
+      precision=FLAGS.precision, jit_compile=FLAGS.jit_compile)
   saved_model.write_saved_model(module, output_path,
                                 overwrite=FLAGS.overwrite)
   logging.info('SavedModel written to %s (%.0fs).', output_path,

@@ -1,8 +1,8 @@
 """Building a model for inference from a config and a checkpoint.
 
-Inference must not silently run half-initialised weights, so unlike an
-initial-checkpoint restore for fine-tuning, every model variable has to be in
-the checkpoint. Accepted checkpoints: DeepLab2's (model items at the top
+Inference must not silently run half-initialised weights, so the checkpoint
+is read in `checkpoint_io`'s strict-inference mode: every model variable has
+to be in it. Accepted checkpoints: DeepLab2's (model items at the top
 level, as `tf.train.Checkpoint(**model.checkpoint_items)` writes them) and
 this package's trainer checkpoints (the same items plus optimizer state,
 which is ignored); a directory means its latest checkpoint.
@@ -14,6 +14,8 @@ from absl import logging
 
 from deeplab_kmax import checkpoint_io
 from deeplab_kmax import model as model_lib
+from deeplab_kmax import precision as precision_lib
+from deeplab_kmax import precision_options
 from deeplab_kmax.config import config_pb2
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.export import serving
@@ -21,10 +23,8 @@ from deeplab_kmax.export import serving
 # Variables do not depend on the input size, so the model is built on a small
 # input; the serving graph is traced at the eval crop later.
 BUILD_CROP = (129, 129)
-
-
-class IncompleteCheckpointError(ValueError):
-  """The checkpoint lacks variables the model needs."""
+# What the CLIs report without a traceback.
+IncompleteCheckpointError = checkpoint_io.IncompleteCheckpointError
 
 
 def build_inference_model(config: config_pb2.ExperimentOptions,
@@ -53,37 +53,30 @@ def build_inference_model(config: config_pb2.ExperimentOptions,
   if checkpoint_path is None:
     logging.warning('No checkpoint given: the model keeps random weights.')
     return model
-  restore_all_weights(model, checkpoint_path, allow_partial)
+  checkpoint_io.restore_model(
+      model.checkpoint_items, checkpoint_path,
+      checkpoint_io.RestoreMode.strict_inference(allow_partial))
   return model
-
-
-def restore_all_weights(model, checkpoint_path: str,
-                        allow_partial: bool = False
-                        ) -> checkpoint_io.RestoreReport:
-  """Restores every model variable from a checkpoint, or raises.
-
-  Raises:
-    FileNotFoundError: no checkpoint at `checkpoint_path`.
-    IncompleteCheckpointError: model variables are missing from it (unless
-      `allow_partial`).
-  """
-  report = checkpoint_io.restore(model.checkpoint_items, checkpoint_path)
-  logging.info('Checkpoint %s: %s', checkpoint_path, report.summary())
-  if report.missing and not allow_partial:
-    listed = '\n  '.join(report.missing[:10])
-    raise IncompleteCheckpointError(
-        f'{checkpoint_path} lacks {len(report.missing)} of the model\'s '
-        f'variables ({report.missing_by_item()}), e.g.\n  {listed}\n'
-        'Is it a checkpoint of this config (same backbone and dataset)? '
-        'Pass --allow_partial_checkpoint to export anyway.')
-  return report
 
 
 def build_serving_module_from_checkpoint(
     config: config_pb2.ExperimentOptions, checkpoint_path: Optional[str],
-    allow_partial: bool = False) -> serving.PanopticServingModule:
-  """Model + checkpoint + eval preprocessing, ready to export or call."""
-  model = build_inference_model(config, checkpoint_path, allow_partial)
+    allow_partial: bool = False,
+    precision: str = precision_options.FLOAT32,
+    jit_compile: bool = False) -> serving.PanopticServingModule:
+  """Model + checkpoint + eval preprocessing, ready to export or call.
+
+  `precision` (one of `precision_options.SERVING_PRECISIONS`) is the
+  network's compute dtype; the outputs are float32 / int32 in every case.
+  `jit_compile` compiles the network and the merge with XLA.
+  """
+  precision_lib.check_precision(precision,
+                                precision_options.SERVING_PRECISIONS,
+                                'precision')
+  with precision_lib.keras_policy(precision):
+    model = build_inference_model(config, checkpoint_path, allow_partial)
   return serving.build_serving_module(
       model, config,
-      extra_metadata={'checkpoint': str(checkpoint_path or '')})
+      extra_metadata={'checkpoint': str(checkpoint_path or ''),
+                      'precision': precision, 'jit_compile': jit_compile},
+      jit_compile=jit_compile)

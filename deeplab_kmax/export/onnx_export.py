@@ -1,19 +1,14 @@
-"""ONNX export of the kMaX-DeepLab network (tf2onnx), run with onnxruntime.
+"""ONNX export of kMaX-DeepLab (tf2onnx), run with onnxruntime.
 
-What is in the ONNX graph: the network only, padded crops
-[B, crop_h, crop_w, 3] float32 (0..255) -> `pixel_space_mask_logits`
-[B, crop_h/4+1, crop_w/4+1, N] and `transformer_class_logits` [B, N, C + 1].
-Pre- and post-processing run in NumPy (`numpy_pipeline`), configured by the
-serving metadata stored in the ONNX file's metadata_props, and give the same
-maps as the SavedModel.
-
-Why the post-processing is not in the graph (tf2onnx 1.17, opset 17):
-  * `tf.gather(x, idx, axis=-1, batch_dims=1)` on a rank-3 tensor (the
-    re-ordering of the binary masks in `maskwise_panoptic_inference`) is
-    converted to a Transpose with an invalid permutation ([0, 1, 0, 1, 2]);
-    onnxruntime refuses to load the model.
-  * `tf.math.unsorted_segment_sum` with 2-D segment ids (the area limits) is
-    rejected by tf2onnx ("Segment ops only supported for segments of rank 1").
+What is in the ONNX graph: `serving.network_maps`, i.e. the network and the
+mask-wise post-processing. Padded crops [B, crop_h, crop_w, 3] float32
+(0..255, resized to range and padded with the mean pixel) -> the serving
+maps [B, crop_h, crop_w] (`serving.OUTPUT_KEYS`: panoptic_pred,
+semantic_pred, instance_pred, instance_scores, semantic_scores,
+semantic_probs). The resize-and-pad before and the crop-and-resize back
+after depend on the image size; `OnnxPanopticPredictor` runs them on the
+host with the SavedModel's own ops (`serving.predict_around_crops`), as
+described by the serving metadata stored in the file's metadata_props.
 
 One conversion defect in the network is repaired here: tf2onnx turns each
 static corner-aligned bilinear resize (e.g. 5 -> 9 pixels) into an ONNX
@@ -34,13 +29,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from deeplab_kmax import keys
 from deeplab_kmax import temp_files
-from deeplab_kmax.export import numpy_pipeline
+from deeplab_kmax.export import serving
 
-INPUT_NAME = 'padded_images'
-MASK_LOGITS = 'pixel_space_mask_logits'
-CLASS_LOGITS = 'transformer_class_logits'
-METADATA_KEY = 'kmax_serving_metadata'
 DEFAULT_OPSET = 17
 # Relative increase of a Resize scale; keeps floor(in * scale) == out for
 # outputs up to 1e5 pixels long.
@@ -59,16 +51,15 @@ def require_optional(module_name: str):
 
 
 def network_function(model, crop_size: Sequence[int]):
-  """tf.function: padded crops -> raw mask and class logits (no merge)."""
+  """tf.function: padded crops -> the serving maps at the crop size."""
   crop_h, crop_w = (int(s) for s in crop_size)
 
   @tf.function(input_signature=[
-      tf.TensorSpec([None, crop_h, crop_w, 3], tf.float32, name=INPUT_NAME)])
+      tf.TensorSpec([None, crop_h, crop_w, 3], tf.float32,
+                    name=keys.INPUT_PADDED_IMAGES)])
   def network(padded_images):
-    outputs = model.predict_raw(padded_images, training=False)
-    return {MASK_LOGITS: tf.identity(outputs[MASK_LOGITS], name=MASK_LOGITS),
-            CLASS_LOGITS: tf.identity(outputs[CLASS_LOGITS],
-                                      name=CLASS_LOGITS)}
+    maps = serving.network_maps(model, padded_images)
+    return {key: tf.identity(value, name=key) for key, value in maps.items()}
 
   return network
 
@@ -106,10 +97,10 @@ def fix_align_corners_resize_scales(model_proto) -> int:
 def convert_network(model, crop_size: Sequence[int], output_path: str,
                     metadata: Optional[Mapping[str, Any]] = None,
                     opset: int = DEFAULT_OPSET):
-  """Converts the network to ONNX and writes it (with metadata) to a file.
+  """Converts network + post-processing to ONNX and writes it to a file.
 
   Args:
-    model: a built KMaXDeepLab.
+    model: a built KMaXDeepLab (its post_processor's options are baked in).
     crop_size: (height, width) of the padded crops the ONNX model takes.
     output_path: the .onnx file to write (written via a temporary file).
     metadata: serving metadata (from `PanopticServingModule.metadata`);
@@ -127,7 +118,7 @@ def convert_network(model, crop_size: Sequence[int], output_path: str,
   fix_align_corners_resize_scales(model_proto)
   if metadata is not None:
     entry = model_proto.metadata_props.add()
-    entry.key = METADATA_KEY
+    entry.key = keys.METADATA_KEY
     entry.value = json.dumps(metadata, sort_keys=True)
   directory = os.path.dirname(output_path)
   if directory:
@@ -144,10 +135,10 @@ def convert_network(model, crop_size: Sequence[int], output_path: str,
 
 
 class OnnxPanopticPredictor:
-  """Runs an exported ONNX network with the NumPy pre/post-processing.
+  """Runs an exported ONNX model, with the resize, pad and undo around it.
 
-  `predictor(image)` takes uint8 [H, W, 3] and returns the same maps as the
-  SavedModel's serving_default signature.
+  `predictor(image)` takes uint8 [H, W, 3] of any size and returns the maps
+  of the SavedModel's serving_default signature.
   """
 
   def __init__(self, onnx_path: str,
@@ -158,25 +149,30 @@ class OnnxPanopticPredictor:
         onnx_path, providers=list(providers or ['CPUExecutionProvider']))
     if metadata is None:
       stored = self._session.get_modelmeta().custom_metadata_map
-      if METADATA_KEY not in stored:
-        raise ValueError(f'{onnx_path} has no {METADATA_KEY} metadata; pass '
-                         'the serving metadata explicitly.')
-      metadata = json.loads(stored[METADATA_KEY])
+      if keys.METADATA_KEY not in stored:
+        raise ValueError(f'{onnx_path} has no {keys.METADATA_KEY} metadata; '
+                         'pass the serving metadata explicitly.')
+      metadata = json.loads(stored[keys.METADATA_KEY])
     self.metadata: Dict[str, Any] = dict(metadata)
-    self._label_space = numpy_pipeline.label_space_from_metadata(
-        self.metadata)
-    outputs = [o.name for o in self._session.get_outputs()]
-    self._output_order = [outputs.index(MASK_LOGITS),
-                          outputs.index(CLASS_LOGITS)]
+    self._spec = serving.EvalPreprocessing.from_json_dict(
+        self.metadata[keys.METADATA_PREPROCESSING])
+    self._output_names = [o.name for o in self._session.get_outputs()]
+    missing = set(serving.OUTPUT_KEYS) - set(self._output_names)
+    if missing:
+      raise ValueError(f'{onnx_path} lacks the outputs {sorted(missing)} '
+                       f'(has {self._output_names}); re-export it with '
+                       'export_model.py --onnx_path.')
 
-  def network(self, padded_images: np.ndarray):
-    """Raw (mask logits, class logits) for padded float32 crops."""
-    results = self._session.run(None, {INPUT_NAME: padded_images})
-    return tuple(results[i] for i in self._output_order)
+  def network(self, padded_images: np.ndarray) -> Dict[str, np.ndarray]:
+    """Maps [B, crop_h, crop_w] of padded float32 crops."""
+    results = self._session.run(
+        None, {keys.INPUT_PADDED_IMAGES: np.asarray(padded_images,
+                                                    np.float32)})
+    return dict(zip(self._output_names, results))
 
   def predict_batch(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-    return numpy_pipeline.run_pipeline(self.network, images, self.metadata,
-                                       self._label_space)
+    """uint8 [B, H, W, 3] (one size) -> maps [B, H, W]."""
+    return serving.predict_around_crops(self.network, images, self._spec)
 
   def __call__(self, image: np.ndarray) -> Dict[str, np.ndarray]:
     image = np.asarray(image)

@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional
 from absl import logging
 import tensorflow as tf
 
+from deeplab_kmax import keys
 from deeplab_kmax import temp_files
 from deeplab_kmax.export import serving
 
@@ -154,7 +155,7 @@ def load(saved_model_dir: str, signature: Optional[str] = None):
         f'{saved_model_dir} holds no SavedModel (saved_model.pb); give the '
         'folder trainer/export_model.py wrote (--output_path).')
   loaded = tf.saved_model.load(saved_model_dir)
-  name = signature or serving.SIGNATURE_IMAGE
+  name = signature or keys.SIGNATURE_IMAGE
   if name not in loaded.signatures:
     raise KeyError(f'{saved_model_dir} has no signature {name!r}; it has '
                    f'{sorted(loaded.signatures)}.')

@@ -37,36 +37,23 @@ every signature calls, so the SavedModel holds the heavy graph only once.
 
 import dataclasses
 import json
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 
-from deeplab_kmax import post_processing
+from deeplab_kmax import keys
+from deeplab_kmax import precision
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import preprocessing
-
-PANOPTIC_PRED = post_processing.PANOPTIC_PRED
-SEMANTIC_PRED = post_processing.SEMANTIC_PRED
-INSTANCE_PRED = post_processing.INSTANCE_PRED
-INSTANCE_SCORES = post_processing.INSTANCE_SCORES
-SEMANTIC_SCORES = post_processing.SEMANTIC_SCORES
-SEMANTIC_PROBS = 'semantic_probs'
+from deeplab_kmax.ops import resize
 
 # Outputs resized back with nearest neighbour (ids must stay ids) and with
 # bilinear interpolation (a smooth probability map).
-NEAREST_OUTPUTS = (PANOPTIC_PRED, SEMANTIC_PRED, INSTANCE_PRED,
-                   INSTANCE_SCORES, SEMANTIC_SCORES)
-BILINEAR_OUTPUTS = (SEMANTIC_PROBS,)
+NEAREST_OUTPUTS = (keys.PANOPTIC_PRED, keys.SEMANTIC_PRED, keys.INSTANCE_PRED,
+                   keys.INSTANCE_SCORES, keys.SEMANTIC_SCORES)
+BILINEAR_OUTPUTS = (keys.SEMANTIC_PROBS,)
 OUTPUT_KEYS = NEAREST_OUTPUTS + BILINEAR_OUTPUTS
-
-SIGNATURE_IMAGE = 'serving_default'
-SIGNATURE_BATCH = 'serving_batch'
-SIGNATURE_ENCODED = 'serving_encoded'
-INPUT_IMAGE = 'image'
-INPUT_IMAGES = 'images'
-# Sent as {"b64": ...} over REST; the "_bytes" suffix is the usual naming
-# convention for binary inputs (some serving front ends require it).
-INPUT_ENCODED = 'image_bytes'
 
 METADATA_FILENAME = 'kmax_serving_metadata.json'
 METADATA_VERSION = 1
@@ -152,9 +139,7 @@ class EvalPreprocessing:
     pixels = tf.cast(images, tf.float32)
     shape = tf.shape(pixels)
     size = self.resized_size(shape[1], shape[2])
-    resized = tf.raw_ops.ResizeBilinear(images=pixels, size=size,
-                                        align_corners=True,
-                                        half_pixel_centers=False)
+    resized = resize.bilinear(pixels, size)
     crop_h, crop_w = self.crop_size
     paddings = [[0, 0], [0, crop_h - size[0]], [0, crop_w - size[1]], [0, 0]]
     # Padded in mean-subtracted space, as the input pipeline does, so the
@@ -163,76 +148,6 @@ class EvalPreprocessing:
                     paddings) + preprocessing.MEAN_PIXEL
     padded.set_shape([None, crop_h, crop_w, 3])
     return padded, size
-
-
-def undo_preprocessing(outputs: Mapping[str, tf.Tensor],
-                       resized_size: tf.Tensor,
-                       output_size: tf.Tensor) -> Dict[str, tf.Tensor]:
-  """Crops predictions at the crop size to the image part, resizes them back.
-
-  Args:
-    outputs: [B, crop_h, crop_w] maps keyed by output name.
-    resized_size: [2] size of the image part at the top-left of the crop.
-    output_size: [2] size to resize to (the raw input size).
-
-  Returns:
-    [B, H, W] maps.
-  """
-  restored = {}
-  for key, value in outputs.items():
-    part = value[:, :resized_size[0], :resized_size[1], tf.newaxis]
-    if key in BILINEAR_OUTPUTS:
-      part = tf.raw_ops.ResizeBilinear(images=part, size=output_size,
-                                       align_corners=True,
-                                       half_pixel_centers=False)
-    else:
-      part = tf.raw_ops.ResizeNearestNeighbor(images=part, size=output_size,
-                                              align_corners=True,
-                                              half_pixel_centers=False)
-    restored[key] = tf.cast(part[..., 0], value.dtype)
-  return restored
-
-
-def corner_aligned_lookup(table: tf.Tensor, channel: tf.Tensor) -> tf.Tensor:
-  """Bilinearly upsampled `table`, read at one channel per output pixel.
-
-  Equals ResizeBilinear(table, [H, W], align_corners=True)[b, y, x,
-  channel[b, y, x]] without materialising the [B, H, W, K] upsampled table:
-  each output pixel blends its four source cells.
-
-  Args:
-    table: [B, h, w, K] float32.
-    channel: [B, H, W] int32 in [0, K).
-
-  Returns:
-    [B, H, W] float32.
-  """
-  shape = tf.shape(table)
-  batch, height, width, depth = shape[0], shape[1], shape[2], shape[3]
-  out_shape = tf.shape(channel)
-
-  def axis(in_size, out_size):
-    scale = (tf.cast(in_size - 1, tf.float32) /
-             tf.cast(tf.maximum(out_size - 1, 1), tf.float32))
-    position = tf.cast(tf.range(out_size), tf.float32) * scale
-    low = tf.cast(tf.floor(position), tf.int32)
-    high = tf.minimum(low + 1, in_size - 1)
-    return low, high, position - tf.cast(low, tf.float32)
-
-  top, bottom, y_weight = axis(height, out_shape[1])
-  left, right, x_weight = axis(width, out_shape[2])
-  flat = tf.reshape(table, [batch, -1])  # [B, h * w * K]
-
-  def read(rows, cols):  # [H], [W] -> [B, H, W]
-    cell = rows[:, tf.newaxis] * width + cols[tf.newaxis, :]  # [H, W]
-    return tf.gather(flat, cell[tf.newaxis] * depth + channel, batch_dims=1)
-
-  x_weight = x_weight[tf.newaxis, tf.newaxis, :]
-  y_weight = y_weight[tf.newaxis, :, tf.newaxis]
-  upper = read(top, left) + (read(top, right) - read(top, left)) * x_weight
-  lower = read(bottom, left) + (
-      read(bottom, right) - read(bottom, left)) * x_weight
-  return upper + (lower - upper) * y_weight
 
 
 def semantic_class_probability(
@@ -261,18 +176,57 @@ def semantic_class_probability(
   class_probs = tf.nn.softmax(
       tf.cast(transformer_class_logits, tf.float32), axis=-1)  # [B, N, C+1]
   marginal = tf.einsum('bhwn,bnc->bhwc', mask_probs, class_probs)
-  return corner_aligned_lookup(marginal, class_index)
+  return resize.bilinear_lookup(marginal, class_index)
 
 
-def class_index_of(semantic: tf.Tensor,
-                   space: post_processing.PanopticLabelSpace) -> tf.Tensor:
-  """Dataset semantic ids -> class-head indices (ids outside map to 0)."""
-  ids = space.semantic_ids
-  table = [0] * (max(ids) + 1)
-  for index, semantic_id in enumerate(ids):
-    table[semantic_id] = index
-  return tf.gather(tf.constant(table, tf.int32),
-                   tf.clip_by_value(semantic, 0, len(table) - 1))
+def network_maps(model, padded_images: tf.Tensor) -> Dict[str, tf.Tensor]:
+  """Network + mask-wise merge on padded crops: the output maps at the crop
+  size (the SavedModel and TFLite graphs both run this).
+
+  `semantic_probs` reads the class marginal at the class-head index that
+  post-processing picked for `semantic_pred`.
+  """
+  raw = precision.to_float32(model.predict_raw(
+      tf.convert_to_tensor(padded_images, tf.float32), training=False))
+  outputs = model.post_processor(
+      raw[keys.PIXEL_SPACE_MASK_LOGITS], raw[keys.TRANSFORMER_CLASS_LOGITS],
+      output_size=tf.shape(padded_images)[1:3], with_class_index=True)
+  maps = {key: outputs[key] for key in NEAREST_OUTPUTS}
+  maps[keys.SEMANTIC_PROBS] = semantic_class_probability(
+      raw[keys.PIXEL_SPACE_MASK_LOGITS], raw[keys.TRANSFORMER_CLASS_LOGITS],
+      outputs[keys.SEMANTIC_CLASS_INDEX])
+  return maps
+
+
+def predict_around_crops(
+    run_crops: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+    images: np.ndarray,
+    spec: EvalPreprocessing) -> Dict[str, np.ndarray]:
+  """The serving maps of images, from a graph that runs on padded crops.
+
+  ONNX and TFLite graphs hold `network_maps` at a fixed crop size; the
+  resize-and-pad before and the undo after depend on the image size and run
+  here, eagerly, with the very ops of the SavedModel's graph, so they add no
+  difference of their own.
+
+  Args:
+    run_crops: float32 [B, crop_h, crop_w, 3] -> maps [B, crop_h, crop_w].
+    images: uint8 [B, H, W, 3], one size.
+    spec: the evaluation preprocessing the graph expects.
+
+  Returns:
+    NumPy maps [B, H, W] keyed like the SavedModel's outputs.
+  """
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(f'Expected uint8 images, got {images.dtype}.')
+  images = _check_images(tf.constant(images))
+  padded, resized_size = spec(images)
+  maps = {key: tf.convert_to_tensor(value)
+          for key, value in run_crops(padded.numpy()).items()}
+  restored = preprocessing.undo_eval_preprocessing(
+      maps, resized_size, tf.shape(images)[1:3], BILINEAR_OUTPUTS)
+  return {key: value.numpy() for key, value in restored.items()}
 
 
 # File signatures of the formats `decode_image_file` reads (the formats of
@@ -361,7 +315,8 @@ class PanopticServingModule(tf.Module):
   def __init__(self, model, info: dataset_info_lib.DatasetInfo,
                eval_preprocessing: EvalPreprocessing,
                metadata: Optional[Mapping[str, Any]] = None,
-               name: str = 'kmax_serving'):
+               name: str = 'kmax_serving',
+               jit_compile: bool = False):
     super().__init__(name=name)
     self._model = _Untracked(model)
     self._info = _Untracked(info)
@@ -373,7 +328,8 @@ class PanopticServingModule(tf.Module):
     self.network = tf.function(
         self._network,
         input_signature=[tf.TensorSpec([None, crop_h, crop_w, 3], tf.float32,
-                                       name='padded_images')])
+                                       name=keys.INPUT_PADDED_IMAGES)],
+        jit_compile=jit_compile)  # XLA: network and mask-wise merge.
 
   @property
   def model(self):
@@ -384,11 +340,12 @@ class PanopticServingModule(tf.Module):
   def metadata(self) -> Dict[str, Any]:
     """What a client needs to read the outputs (labels, names, colours)."""
     info = self._info.value
-    space = label_space(info)
+    space = info.label_space
     meta = {
         'format_version': METADATA_VERSION,
-        'dataset': info.to_json_dict(),
-        'preprocessing': self._preprocessing.value.to_json_dict(),
+        keys.METADATA_DATASET: info.to_json_dict(),
+        keys.METADATA_PREPROCESSING: (
+            self._preprocessing.value.to_json_dict()),
         'post_processing': dataclasses.asdict(
             self._model.value.post_processor.options),
         'label_space': {
@@ -397,20 +354,23 @@ class PanopticServingModule(tf.Module):
             'ignore_label': space.ignore_label,
             'label_divisor': space.label_divisor,
         },
-        'signatures': {
-            SIGNATURE_IMAGE: {'inputs': {INPUT_IMAGE: 'uint8 [H, W, 3]'}},
-            SIGNATURE_BATCH: {'inputs': {INPUT_IMAGES: 'uint8 [B, H, W, 3]'}},
-            SIGNATURE_ENCODED: {
-                'inputs': {INPUT_ENCODED: 'string [] (encoded image file)'}},
+        keys.METADATA_SIGNATURES: {
+            keys.SIGNATURE_IMAGE: {keys.METADATA_INPUTS: {
+                keys.INPUT_IMAGE: 'uint8 [H, W, 3]'}},
+            keys.SIGNATURE_BATCH: {keys.METADATA_INPUTS: {
+                keys.INPUT_IMAGES: 'uint8 [B, H, W, 3]'}},
+            keys.SIGNATURE_ENCODED: {keys.METADATA_INPUTS: {
+                keys.INPUT_ENCODED: 'string [] (encoded image file)'}},
         },
-        'outputs': {
-            PANOPTIC_PRED: 'int32, semantic * label_divisor + instance',
-            SEMANTIC_PRED: 'int32, semantic id',
-            INSTANCE_PRED: 'int32, instance id (1 where none)',
-            INSTANCE_SCORES: 'float32, largest mask probability',
-            SEMANTIC_SCORES: 'float32, class confidence of the owning '
-                             'segment (0 where void)',
-            SEMANTIC_PROBS: 'float32, probability of the semantic_pred class',
+        keys.METADATA_OUTPUTS: {
+            keys.PANOPTIC_PRED: 'int32, semantic * label_divisor + instance',
+            keys.SEMANTIC_PRED: 'int32, semantic id',
+            keys.INSTANCE_PRED: 'int32, instance id (1 where none)',
+            keys.INSTANCE_SCORES: 'float32, largest mask probability',
+            keys.SEMANTIC_SCORES: 'float32, class confidence of the owning '
+                                  'segment (0 where void)',
+            keys.SEMANTIC_PROBS:
+                'float32, probability of the semantic_pred class',
         },
     }
     meta.update(self._metadata.value)
@@ -421,36 +381,30 @@ class PanopticServingModule(tf.Module):
 
   def _network(self, padded_images: tf.Tensor) -> Dict[str, tf.Tensor]:
     """Network + mask-wise merge on padded crops; maps at the crop size."""
-    model = self._model.value
-    outputs = model(padded_images, training=False)
-    maps = {key: outputs[key] for key in NEAREST_OUTPUTS}
-    maps[SEMANTIC_PROBS] = semantic_class_probability(
-        outputs['pixel_space_mask_logits'],
-        outputs['transformer_class_logits'],
-        class_index_of(outputs[SEMANTIC_PRED],
-                       label_space(self._info.value)))
-    return maps
+    return network_maps(self._model.value, padded_images)
 
   def predict_batch(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
     """uint8 [B, H, W, 3] -> output maps [B, H, W] (traced by signatures)."""
     images = _check_images(images)
     padded, resized_size = self._preprocessing.value(images)
     maps = self.network(padded)
-    return undo_preprocessing(maps, resized_size, tf.shape(images)[1:3])
+    return preprocessing.undo_eval_preprocessing(
+        maps, resized_size, tf.shape(images)[1:3], BILINEAR_OUTPUTS)
 
   @tf.function(input_signature=[
-      tf.TensorSpec([None, None, None, None], tf.uint8, name=INPUT_IMAGES)])
+      tf.TensorSpec([None, None, None, None], tf.uint8,
+                    name=keys.INPUT_IMAGES)])
   def serve_batch(self, images):
     return self.predict_batch(images)
 
   @tf.function(input_signature=[
-      tf.TensorSpec([None, None, None], tf.uint8, name=INPUT_IMAGE)])
+      tf.TensorSpec([None, None, None], tf.uint8, name=keys.INPUT_IMAGE)])
   def serve_image(self, image):
     maps = self.predict_batch(image[tf.newaxis])
     return {key: value[0] for key, value in maps.items()}
 
   @tf.function(input_signature=[
-      tf.TensorSpec([], tf.string, name=INPUT_ENCODED)])
+      tf.TensorSpec([], tf.string, name=keys.INPUT_ENCODED)])
   def serve_encoded(self, image_bytes):
     image = decode_image_file(image_bytes)
     maps = self.predict_batch(image[tf.newaxis])
@@ -459,15 +413,16 @@ class PanopticServingModule(tf.Module):
   def signatures(self) -> Dict[str, Any]:
     """The concrete functions to export, keyed by signature name."""
     return {
-        SIGNATURE_IMAGE: self.serve_image.get_concrete_function(),
-        SIGNATURE_BATCH: self.serve_batch.get_concrete_function(),
-        SIGNATURE_ENCODED: self.serve_encoded.get_concrete_function(),
+        keys.SIGNATURE_IMAGE: self.serve_image.get_concrete_function(),
+        keys.SIGNATURE_BATCH: self.serve_batch.get_concrete_function(),
+        keys.SIGNATURE_ENCODED: self.serve_encoded.get_concrete_function(),
     }
 
 
 def build_serving_module(model, config,
                          info: Optional[dataset_info_lib.DatasetInfo] = None,
-                         extra_metadata: Optional[Mapping[str, Any]] = None
+                         extra_metadata: Optional[Mapping[str, Any]] = None,
+                         jit_compile: bool = False
                          ) -> PanopticServingModule:
   """The serving module for a built model and its experiment config.
 
@@ -484,19 +439,11 @@ def build_serving_module(model, config,
   metadata.update(extra_metadata or {})
   return PanopticServingModule(model, info,
                                EvalPreprocessing.from_dataset_options(options),
-                               metadata)
-
-
-def label_space(info: dataset_info_lib.DatasetInfo
-                ) -> post_processing.PanopticLabelSpace:
-  """Class-head index -> dataset id, as the model's post-processor uses it."""
-  return post_processing.PanopticLabelSpace.derive(
-      info.num_thing_stuff_classes, info.thing_class_ids, info.ignore_label,
-      info.panoptic_label_divisor)
+                               metadata, jit_compile=jit_compile)
 
 
 def dataset_info_from_metadata(metadata: Mapping[str, Any]
                                ) -> dataset_info_lib.DatasetInfo:
   """The DatasetInfo stored in a SavedModel's metadata."""
-  return dataset_info_lib.from_json_dict(metadata['dataset'],
+  return dataset_info_lib.from_json_dict(metadata[keys.METADATA_DATASET],
                                          where='serving metadata')

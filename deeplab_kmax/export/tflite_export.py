@@ -6,20 +6,18 @@ the evaluation resize-and-pad already applied) -> network -> mask-wise merge
 The crop size is fixed at conversion (`--tflite_size`, by default the eval
 crop), so every shape in the graph is static. The resize to range, the
 padding and the final crop-and-resize back to the image size stay on the
-host (`numpy_pipeline`), as for ONNX: they depend on the image size, which a
-fixed-size graph cannot.
+host (`serving.predict_around_crops`), as for ONNX: they depend on the image
+size, which a fixed-size graph cannot.
 
 The serving metadata (labels, colours, preprocessing, thresholds) is stored
 in the flatbuffer's metadata list under `kmax_serving_metadata`, so a
 `.tflite` file is all a client needs.
 
 The converter accepts the whole graph with TFLite builtins (see
-docs/tflite.md for the op list). One rewrite makes that so: the class-index
-lookup of `semantic_probs` gathers without the clip of
-`serving.class_index_of` -- with 7 classes the clip is `clip(x, 0, 6)` on
-int32, which the converter fuses into RELU6, a float-only builtin (it would
-need the Flex delegate). The clip is not needed there: `semantic_pred` holds
-only ids of the label space.
+docs/tflite.md for the op list). `semantic_probs` reads the class marginal
+at the class-head index post-processing returns, so the graph has no
+semantic id -> index lookup (a clipped lookup there would become RELU6, a
+float-only builtin that needs the Flex delegate).
 """
 
 import dataclasses
@@ -32,14 +30,10 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from deeplab_kmax import post_processing
+from deeplab_kmax import keys
 from deeplab_kmax.data import dataset_info as dataset_info_lib
-from deeplab_kmax.export import numpy_pipeline
 from deeplab_kmax.export import serving
 
-INPUT_NAME = 'padded_image'
-SIGNATURE_KEY = 'serving_default'
-METADATA_KEY = 'kmax_serving_metadata'
 QUANTIZATIONS = ('none', 'float16', 'dynamic_range')
 # Ops of the Flex delegate appear as custom ops with this prefix.
 _FLEX_PREFIX = 'Flex'
@@ -76,9 +70,9 @@ def preprocessing_for_size(spec: serving.EvalPreprocessing,
   """
   if size is None or tuple(size) == spec.crop_size:
     return spec
-  from deeplab_kmax.trainer import train_lib  # pylint: disable=g-import-not-at-top
+  from deeplab_kmax.config import validation  # pylint: disable=g-import-not-at-top
   size = tuple(int(s) for s in size)
-  train_lib.check_crop_size(size, '--tflite_size')
+  validation.check_kmax_crop(size, '--tflite_size')
   return serving.EvalPreprocessing(
       crop_size=size,
       min_resize_value=size if spec.min_resize_value else None,
@@ -86,32 +80,15 @@ def preprocessing_for_size(spec: serving.EvalPreprocessing,
       resize_factor=spec.resize_factor)
 
 
-def _class_index(semantic: tf.Tensor,
-                 space: post_processing.PanopticLabelSpace) -> tf.Tensor:
-  """Dataset semantic ids -> class-head indices, for ids of `space` only
-  (no clip; see the module docstring)."""
-  ids = space.semantic_ids
-  table = [0] * (max(ids) + 1)
-  for index, semantic_id in enumerate(ids):
-    table[semantic_id] = index
-  return tf.gather(tf.constant(table, tf.int32), semantic)
-
-
-def panoptic_function(model, space: post_processing.PanopticLabelSpace,
-                      crop_size: Sequence[int]):
+def panoptic_function(model, crop_size: Sequence[int]):
   """tf.function: one padded crop -> the serving maps at the crop size."""
   crop_h, crop_w = (int(s) for s in crop_size)
 
   @tf.function(input_signature=[
-      tf.TensorSpec([1, crop_h, crop_w, 3], tf.float32, name=INPUT_NAME)])
+      tf.TensorSpec([1, crop_h, crop_w, 3], tf.float32,
+                    name=keys.INPUT_PADDED_IMAGE)])
   def panoptic(padded_image):
-    outputs = model(padded_image, training=False)
-    maps = {key: outputs[key] for key in serving.NEAREST_OUTPUTS}
-    maps[serving.SEMANTIC_PROBS] = serving.semantic_class_probability(
-        outputs['pixel_space_mask_logits'],
-        outputs['transformer_class_logits'],
-        _class_index(outputs[serving.SEMANTIC_PRED], space))
-    return maps
+    return serving.network_maps(model, padded_image)
 
   return panoptic
 
@@ -158,8 +135,7 @@ def op_names(model: bytes) -> List[str]:
   return sorted(names)
 
 
-def convert(model, space: post_processing.PanopticLabelSpace,
-            crop_size: Sequence[int], quantization: str = 'none',
+def convert(model, crop_size: Sequence[int], quantization: str = 'none',
             allow_select_tf_ops: bool = True) -> Conversion:
   """Converts network + mask-wise merge to TFLite.
 
@@ -170,7 +146,7 @@ def convert(model, space: post_processing.PanopticLabelSpace,
   if quantization not in QUANTIZATIONS:
     raise ValueError(f'Unknown TFLite quantization {quantization!r}; '
                      f'expected one of {QUANTIZATIONS}.')
-  function = panoptic_function(model, space, crop_size)
+  function = panoptic_function(model, crop_size)
   try:
     data = _converter(function, model, quantization, False).convert()
   except Exception as e:  # pylint: disable=broad-except
@@ -194,13 +170,13 @@ def with_metadata(model: bytes, metadata: Mapping[str, Any]) -> bytes:
   from tensorflow.lite.tools import flatbuffer_utils  # pylint: disable=g-import-not-at-top
   content = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
   entries = [m for m in (content.metadata or [])
-             if _as_text(m.name) != METADATA_KEY]
+             if _as_text(m.name) != keys.METADATA_KEY]
   buffer = schema.BufferT()
   buffer.data = np.frombuffer(
       json.dumps(metadata, sort_keys=True).encode('utf-8'), np.uint8)
   content.buffers.append(buffer)
   entry = schema.MetadataT()
-  entry.name = METADATA_KEY
+  entry.name = keys.METADATA_KEY
   entry.buffer = len(content.buffers) - 1
   content.metadata = entries + [entry]
   return bytes(flatbuffer_utils.convert_object_to_bytearray(content))
@@ -219,7 +195,7 @@ def read_metadata(model: bytes, where: str = 'TFLite model') -> Dict[str, Any]:
   root = schema.Model.GetRootAs(model, 0)
   for i in range(root.MetadataLength()):
     entry = root.Metadata(i)
-    if _as_text(entry.Name()) != METADATA_KEY:
+    if _as_text(entry.Name()) != keys.METADATA_KEY:
       continue
     buffer = root.Buffers(entry.Buffer())
     if buffer.DataLength():
@@ -227,8 +203,8 @@ def read_metadata(model: bytes, where: str = 'TFLite model') -> Dict[str, Any]:
     else:  # Stored after the flatbuffer (models over 2 GB).
       data = model[buffer.Offset():buffer.Offset() + buffer.Size()]
     return json.loads(data.decode('utf-8'))
-  raise ValueError(f'{where} has no {METADATA_KEY} metadata; was it written '
-                   'by export_model.py --tflite_path?')
+  raise ValueError(f'{where} has no {keys.METADATA_KEY} metadata; was it '
+                   'written by export_model.py --tflite_path?')
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -251,12 +227,15 @@ def tflite_metadata(module: serving.PanopticServingModule,
                     conversion: Conversion) -> Dict[str, Any]:
   """The serving metadata of `module`, describing the TFLite model."""
   metadata = dict(module.metadata)
-  metadata['preprocessing'] = spec.to_json_dict()
+  metadata[keys.METADATA_PREPROCESSING] = spec.to_json_dict()
   crop_h, crop_w = spec.crop_size
-  metadata['signatures'] = {SIGNATURE_KEY: {'inputs': {
-      INPUT_NAME: f'float32 [1, {crop_h}, {crop_w}, 3], 0..255, resized to '
-                  'range and padded with the mean pixel (see preprocessing)'},
-      'outputs': f'maps [1, {crop_h}, {crop_w}] at the crop size'}}
+  metadata[keys.METADATA_SIGNATURES] = {keys.SIGNATURE_IMAGE: {
+      keys.METADATA_INPUTS: {
+          keys.INPUT_PADDED_IMAGE:
+              f'float32 [1, {crop_h}, {crop_w}, 3], 0..255, resized to '
+              'range and padded with the mean pixel (see preprocessing)'},
+      keys.METADATA_OUTPUTS:
+          f'maps [1, {crop_h}, {crop_w}] at the crop size'}}
   metadata['tflite'] = {'quantization': conversion.quantization,
                         'select_tf_ops': list(conversion.select_tf_ops)}
   return metadata
@@ -278,17 +257,15 @@ def export(module: serving.PanopticServingModule, output_path: str,
   """
   spec = preprocessing_for_size(
       serving.EvalPreprocessing.from_json_dict(
-          module.metadata['preprocessing']), size)
-  space = serving.label_space(
-      serving.dataset_info_from_metadata(module.metadata))
-  conversion = convert(module.model, space, spec.crop_size, quantization)
+          module.metadata[keys.METADATA_PREPROCESSING]), size)
+  conversion = convert(module.model, spec.crop_size, quantization)
   write_atomically(output_path, with_metadata(
       conversion.model, tflite_metadata(module, spec, conversion)))
   return conversion
 
 
 class TFLitePanopticPredictor:
-  """Runs an exported TFLite model with the NumPy resize, pad and undo.
+  """Runs an exported TFLite model with the host resize, pad and undo.
 
   `predictor(image)` takes uint8 [H, W, 3] of any size and returns the maps
   of the SavedModel's serving_default signature.
@@ -299,12 +276,10 @@ class TFLitePanopticPredictor:
       content = f.read()
     self.metadata: Dict[str, Any] = read_metadata(content, model_path)
     self._spec = serving.EvalPreprocessing.from_json_dict(
-        self.metadata['preprocessing'])
-    self._label_space = numpy_pipeline.label_space_from_metadata(
-        self.metadata)
+        self.metadata[keys.METADATA_PREPROCESSING])
     self.interpreter = tf.lite.Interpreter(model_content=content,
                                            num_threads=num_threads)
-    self._runner = self.interpreter.get_signature_runner(SIGNATURE_KEY)
+    self._runner = self.interpreter.get_signature_runner(keys.SIGNATURE_IMAGE)
 
   @property
   def crop_size(self) -> Tuple[int, int]:
@@ -322,15 +297,13 @@ class TFLitePanopticPredictor:
       raise ValueError(f'The TFLite model takes a padded crop of shape '
                        f'{expected}, got {padded_image.shape}.')
     return {key: np.asarray(value) for key, value in
-            self._runner(**{INPUT_NAME: padded_image}).items()}
+            self._runner(**{keys.INPUT_PADDED_IMAGE: padded_image}).items()}
 
   def __call__(self, image: np.ndarray) -> Dict[str, np.ndarray]:
     image = np.asarray(image)
     if image.ndim != 3:
       raise ValueError(f'Expected one image [H, W, 3], got shape '
                        f'{image.shape}.')
-    padded, resized_size = numpy_pipeline.preprocess(image[None], self._spec)
-    maps = self.run_crop(padded)
-    restored = numpy_pipeline.undo_preprocessing(maps, resized_size,
-                                                 image.shape[:2])
+    restored = serving.predict_around_crops(self.run_crop, image[None],
+                                            self._spec)
     return {key: value[0] for key, value in restored.items()}

@@ -15,18 +15,7 @@ import tf_keras
 
 from deeplab_kmax.layers import convolutions
 from deeplab_kmax.layers import normalization
-
-
-def bilinear_align_corners(x: tf.Tensor, size) -> tf.Tensor:
-  """Bilinear resize in one joint pass, corners aligned.
-
-  Unlike `resized_fuse.resize_align_corners` there is no height-then-width
-  split for narrow inputs: the ASPP pooling branch and the semantic decoder
-  resize this way, and the goldens depend on the difference.
-  """
-  return tf.compat.v1.image.resize(
-      x, size, method=tf.compat.v1.image.ResizeMethod.BILINEAR,
-      align_corners=True)
+from deeplab_kmax.ops import resize
 
 
 def _conv_bn_act(channels: int, kernel_size: int, name: str,
@@ -73,7 +62,9 @@ class _ImagePoolingBranch(tf_keras.layers.Layer):
     else:
       pooled = tf.nn.avg_pool2d(x, list(self.pool_size), 1, 'VALID')
     pooled = self._conv_bn_act(pooled, training=training)
-    return bilinear_align_corners(pooled, size)
+    # One joint pass (not DeepLab2's two-pass feature rounding): the goldens
+    # of the pooling branch depend on it.
+    return resize.bilinear(pooled, size)
 
 
 class ASPP(tf_keras.layers.Layer):

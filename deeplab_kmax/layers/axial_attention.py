@@ -50,7 +50,6 @@ class AxialAttention1D(tf_keras.layers.Layer):
                max_span: int = positional_encodings.MAX_SPAN,
                initialization_std_for_query_key_rpe: float = 1.0,
                initialization_std_for_value_rpe: float = 1.0,
-               weight_decay: float = 0.0,
                **layer_kwargs):
     super().__init__(name=name, **layer_kwargs)
     for what, depth in (('total_key_depth', total_key_depth),
@@ -63,7 +62,6 @@ class AxialAttention1D(tf_keras.layers.Layer):
     self._num_heads = num_heads
     self._key_depth = total_key_depth // num_heads
     self._value_depth = total_value_depth // num_heads
-    self._weight_decay = weight_decay
 
     self._batch_norm_qkv = bn_layer(name='batch_norm_qkv', axis=-1)
     # Over the stacked terms [term, N, head, L, M | D]: one statistic per
@@ -75,8 +73,7 @@ class AxialAttention1D(tf_keras.layers.Layer):
 
     def offset_table(depth, table_name, std):
       return positional_encodings.RelativePositionalEncoding(
-          depth, table_name, max_span=max_span, initialization_std=std,
-          weight_decay=weight_decay)
+          depth, table_name, max_span=max_span, initialization_std=std)
 
     qk_std = initialization_std_for_query_key_rpe
     self._query_rpe = offset_table(self._key_depth, 'query_rpe', qk_std)
@@ -94,9 +91,7 @@ class AxialAttention1D(tf_keras.layers.Layer):
         name='qkv_kernel',
         shape=(channels, 2 * self._key_channels + self._value_channels),
         initializer=tf_keras.initializers.TruncatedNormal(
-            stddev=channels ** -0.5),
-        regularizer=(tf_keras.regularizers.l2(self._weight_decay)
-                     if self._weight_decay else None))
+            stddev=channels ** -0.5))
     super().build(input_shape)
 
   def _split_heads(self, x: tf.Tensor, depth: int) -> tf.Tensor:
@@ -156,7 +151,6 @@ class AxialAttention2D(tf_keras.layers.Layer):
                num_heads: int = 8,
                bn_layer: normalization.NormLayer = (
                    tf_keras.layers.BatchNormalization),
-               weight_decay: float = 0.0,
                **axis_kwargs):
     super().__init__(name=name)
     if strides not in (1, 2):
@@ -168,7 +162,6 @@ class AxialAttention2D(tf_keras.layers.Layer):
         total_value_depth=self._value_channels,
         num_heads=num_heads,
         bn_layer=bn_layer,
-        weight_decay=weight_decay,
         **axis_kwargs)
     self._height_axis = AxialAttention1D(name='height_axis', **axis_options)
     self._width_axis = AxialAttention1D(name='width_axis', **axis_options)

@@ -27,10 +27,6 @@ def symmetric_padding(kernel_size: int, dilation: int) -> Tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def _regulariser(weight_decay: float):
-  return tf_keras.regularizers.l2(weight_decay) if weight_decay else None
-
-
 class _ConvNormAct(tf_keras.layers.Layer):
   """Shared tail: optional norm then optional activation."""
 
@@ -67,7 +63,6 @@ class Conv2DSame(_ConvNormAct):
                    tf_keras.layers.BatchNormalization),
                gamma_init: str = 'ones',
                activation: Optional[str] = None,
-               weight_decay: float = 0.0,
                kernel_init='he_normal'):
     super().__init__(name=name)
     if use_bn and use_bias:
@@ -85,7 +80,6 @@ class Conv2DSame(_ConvNormAct):
         use_bias=use_bias,
         dilation_rate=atrous_rate,
         kernel_initializer=kernel_init,
-        kernel_regularizer=_regulariser(weight_decay),
         name='conv')
     self._init_tail(use_bn, bn_layer, 3, gamma_init, activation)
 
@@ -229,7 +223,6 @@ class Conv1D(_ConvNormAct):
                    tf_keras.layers.BatchNormalization),
                gamma_init: str = 'ones',
                activation: Optional[str] = None,
-               weight_decay: float = 0.0,
                kernel_init='he_normal',
                kernel_size: int = 1,
                padding: str = 'valid'):
@@ -243,7 +236,6 @@ class Conv1D(_ConvNormAct):
         padding=padding,
         use_bias=use_bias,
         kernel_initializer=kernel_init,
-        kernel_regularizer=_regulariser(weight_decay),
         name='conv')
     # Inputs are [B, L, C]: channels sit on axis 2.
     self._init_tail(use_bn, bn_layer, 2, gamma_init, activation)

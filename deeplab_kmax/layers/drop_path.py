@@ -40,8 +40,8 @@ class DropPath(tf_keras.layers.Layer):
     # One Bernoulli draw per sample, broadcast over every other axis.
     shape = tf.concat(
         [tf.shape(inputs)[:1], tf.ones([tf.rank(inputs) - 1], tf.int32)], 0)
-    keep = tf.floor(self.keep_prob +
-                    tf.random.uniform(shape, dtype=inputs.dtype))
+    noise = tf.random.uniform(shape, dtype=inputs.dtype)
+    keep = tf.floor(self.keep_prob + noise)
     return inputs * (keep / self.keep_prob)
 
   def get_config(self):

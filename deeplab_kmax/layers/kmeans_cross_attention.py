@@ -39,15 +39,13 @@ from typing import Callable, Dict, Optional, Tuple
 import tensorflow as tf
 import tf_keras
 
+from deeplab_kmax import keys
 from deeplab_kmax.layers import activations
 from deeplab_kmax.layers import attention
 from deeplab_kmax.layers import cluster_assignment
 from deeplab_kmax.layers import convolutions
 from deeplab_kmax.layers import drop_path
 from deeplab_kmax.layers import normalization
-
-# Output key of the auxiliary predictor that drives the assignment.
-MASK_LOGITS_KEY = 'pixel_space_mask_logits'
 
 AuxiliaryPredictorFn = Callable[[], tf_keras.layers.Layer]
 
@@ -87,11 +85,11 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
 
     Args:
       auxiliary_predictor_fn: builds the auxiliary predictor, a layer mapping
-        {'feature_panoptic': [B, H, W, bottleneck],
-         'transformer_class_feature'/'transformer_mask_feature': [B, N,
+        {`feature_panoptic`: [B, H, W, bottleneck],
+         `transformer_class_feature`/`transformer_mask_feature`: [B, N,
          bottleneck]} to a dict with `pixel_space_mask_logits` [B, H, W, N].
       name: layer name.
-      memory_channels: channels of the cluster centres (256 in kMaX).
+      memory_channels: channels C of the cluster centres.
       bottleneck_channels: width of the pixel/centre down-projections.
       key_channels: total query/key depth of the centre self-attention.
       value_channels: total value depth (self-attention and k-means update).
@@ -207,13 +205,13 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
     """
     predictions = self._auxiliary_clustering_predictor(
         {
-            'feature_panoptic': pixel_feature,
-            'transformer_class_feature': centers,
-            'transformer_mask_feature': centers,
+            keys.FEATURE_PANOPTIC: pixel_feature,
+            keys.TRANSFORMER_CLASS_FEATURE: centers,
+            keys.TRANSFORMER_MASK_FEATURE: centers,
         },
         training=training)
     return predictions, cluster_assignment.cluster_axis_assignment(
-        predictions[MASK_LOGITS_KEY], self._interaction)
+        predictions[keys.PIXEL_SPACE_MASK_LOGITS], self._interaction)
 
   def update_centers(self, assignment: tf.Tensor, pixel_value: tf.Tensor,
                      training=False) -> tf.Tensor:
@@ -227,6 +225,7 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
     Returns:
       [B, N, memory_channels] centre update.
     """
+    assignment = tf.cast(assignment, pixel_value.dtype)  # Mixed precision.
     gathered = tf.einsum('bpn,bpc->bnc', assignment, pixel_value)  # [B,N,V]
     gathered = self._kmeans_memory_batch_norm_retrieved_value(
         gathered, training=training)
@@ -324,13 +323,14 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
                            [-1, height, width, self._bottleneck])
     predictions = self._auxiliary_clustering_predictor(
         {
-            'feature_panoptic': pixel_map,
-            'transformer_class_feature': centers,
-            'transformer_mask_feature': centers,
+            keys.FEATURE_PANOPTIC: pixel_map,
+            keys.TRANSFORMER_CLASS_FEATURE: centers,
+            keys.TRANSFORMER_MASK_FEATURE: centers,
         },
         training=training)
     update, clustered = self.pixel_cluster_update(
-        predictions[MASK_LOGITS_KEY], pixels, centers, pixel_value, training)
+        predictions[keys.PIXEL_SPACE_MASK_LOGITS], pixels, centers,
+        pixel_value, training)
     output = cluster_centers + self._kmeans_drop_path(update,
                                                       training=training)
 

@@ -76,7 +76,6 @@ class RelativePositionalEncoding(tf_keras.layers.Layer):
                name: str,
                max_span: int = MAX_SPAN,
                initialization_std: float = 1.0,
-               weight_decay: float = 0.0,
                **layer_kwargs):
     super().__init__(name=name, **layer_kwargs)
     if depth <= 0 or max_span <= 0:
@@ -85,7 +84,6 @@ class RelativePositionalEncoding(tf_keras.layers.Layer):
     self._depth = depth
     self._max_span = max_span
     self._initialization_std = initialization_std
-    self._weight_decay = weight_decay
 
   def build(self, input_shape=None):
     # The table size does not depend on the input (a length).
@@ -94,8 +92,6 @@ class RelativePositionalEncoding(tf_keras.layers.Layer):
         shape=(2 * self._max_span - 1, self._depth),
         initializer=tf_keras.initializers.TruncatedNormal(
             stddev=self._initialization_std),
-        regularizer=(tf_keras.regularizers.l2(self._weight_decay)
-                     if self._weight_decay else None),
         trainable=True)
     super().build(input_shape)
 
@@ -108,5 +104,4 @@ class RelativePositionalEncoding(tf_keras.layers.Layer):
         'depth': self._depth,
         'max_span': self._max_span,
         'initialization_std': self._initialization_std,
-        'weight_decay': self._weight_decay,
     }

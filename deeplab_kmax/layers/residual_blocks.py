@@ -40,8 +40,7 @@ class _Bottleneck(tf_keras.layers.Layer):
                activation: str = 'relu',
                drop_path_keep_prob: float = 1.0,
                bn_layer: normalization.NormLayer = (
-                   tf_keras.layers.BatchNormalization),
-               weight_decay: float = 0.0):
+                   tf_keras.layers.BatchNormalization)):
     super().__init__(name=name)
     if len(filters_list) != 3:
       raise ValueError(f'{name}: filters_list must hold three channel counts '
@@ -51,11 +50,10 @@ class _Bottleneck(tf_keras.layers.Layer):
     self._activation_name = activation
     self._activation = activations.get_activation(activation)
     self._bn_layer = bn_layer
-    self._weight_decay = weight_decay
     # Every convolution here is bias-free and batch-normalised.
     self._conv_bn = functools.partial(
         convolutions.Conv2DSame, use_bias=False, use_bn=True,
-        bn_layer=bn_layer, weight_decay=weight_decay)
+        bn_layer=bn_layer)
     reduce_width, _, expand_width = self._filters_list
     self._conv1_bn_act = self._conv_bn(
         reduce_width, 1, name='conv1_bn_act', activation=activation)
@@ -133,8 +131,7 @@ class AxialBlock(_Bottleneck):
     super().__init__(filters_list, name, strides=strides, **kwargs)
     self._attention = axial_attention.AxialAttention2D(
         filters=self._filters_list[1], name='attention', strides=strides,
-        num_heads=num_heads, bn_layer=self._bn_layer,
-        weight_decay=self._weight_decay)
+        num_heads=num_heads, bn_layer=self._bn_layer)
 
   def _spatial(self, x: tf.Tensor, training) -> tf.Tensor:
     return self._activation(self._attention(x, training=training))

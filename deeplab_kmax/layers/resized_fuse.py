@@ -2,10 +2,10 @@
 
 Every input is brought to `num_channels` (activation, then 1x1 conv + batch
 norm, unless it already has that width) and to the target resolution
-(bilinear, corners aligned), then the inputs are summed. The sum is left
-non-activated because the residual block that consumes it activates its
-input. The projection runs before resizing, so upsampled maps are projected
-at their cheaper low resolution.
+(`resize.bilinear_two_pass_if_narrow`, DeepLab2's rounding), then the
+inputs are summed. The sum is left non-activated because the residual block
+that consumes it activates its input. The projection runs before resizing,
+so upsampled maps are projected at their cheaper low resolution.
 
 Checkpoint paths: the projection of input i is `_resized_conv_bn{i+1}`.
 DeepLab2 uses a stride-2 convolution instead (`_strided_conv_bn{i+1}`) when an
@@ -15,7 +15,7 @@ target map (inputs of at most 16-32 pixels), so this layer does not
 implement it.
 """
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import tensorflow as tf
 import tf_keras
@@ -23,36 +23,13 @@ import tf_keras
 from deeplab_kmax.layers import activations
 from deeplab_kmax.layers import convolutions
 from deeplab_kmax.layers import normalization
+from deeplab_kmax.ops import resize
 
-Size = Union[Sequence[int], tf.Tensor]
-
-# DeepLab2 resizes narrow tensors one axis at a time (a TPU memory layout
-# choice); this changes float rounding slightly, so it is kept for parity.
-_SEPARABLE_RESIZE_MAX_CHANNELS = 32
+Size = resize.Size
 
 
 def _static_size(x: tf.Tensor):
   return tuple(x.shape[1:3])
-
-
-def resize_align_corners(images: tf.Tensor, size: Size) -> tf.Tensor:
-  """Bilinear resize with aligned corners, rounding as DeepLab2 does.
-
-  Inputs with at most 32 channels are interpolated along the height first,
-  then along the width; wider inputs in one joint pass.
-  """
-  if isinstance(size, (list, tuple)) and _static_size(images) == tuple(size):
-    return images
-  resize = tf.compat.v1.image.resize_bilinear
-  resized = tf.cast(images, tf.float32)
-  if images.shape[-1] > _SEPARABLE_RESIZE_MAX_CHANNELS:
-    resized = resize(resized, size, align_corners=True)
-  else:
-    # Resizing an axis to its own length is exact with aligned corners.
-    width = tf.shape(resized)[2]
-    resized = resize(resized, tf.stack([size[0], width]), align_corners=True)
-    resized = resize(resized, size, align_corners=True)
-  return tf.cast(resized, images.dtype)
 
 
 class ResizedFuse(tf_keras.layers.Layer):
@@ -67,13 +44,11 @@ class ResizedFuse(tf_keras.layers.Layer):
                name: str,
                activation: str = 'relu',
                bn_layer: normalization.NormLayer = (
-                   tf_keras.layers.BatchNormalization),
-               weight_decay: float = 0.0):
+                   tf_keras.layers.BatchNormalization)):
     super().__init__(name=name)
     self._num_channels = num_channels
     self._activation = activations.get_activation(activation)
     self._bn_layer = bn_layer
-    self._weight_decay = weight_decay
     self._projection_names = ()
 
   def build(self, input_shapes):
@@ -89,8 +64,7 @@ class ResizedFuse(tf_keras.layers.Layer):
       attr = f'_resized_conv_bn{index + 1}'
       setattr(self, attr, convolutions.Conv2DSame(
           self._num_channels, 1, name=attr[1:], use_bias=False, use_bn=True,
-          bn_layer=self._bn_layer, activation=None,
-          weight_decay=self._weight_decay))
+          bn_layer=self._bn_layer, activation=None))
       projections.append(attr)
     self._projection_names = tuple(projections)
     super().build(input_shapes)
@@ -111,5 +85,5 @@ class ResizedFuse(tf_keras.layers.Layer):
       if attr is not None:
         feature = getattr(self, attr)(self._activation(feature),
                                       training=training)
-      fused.append(resize_align_corners(feature, target_size))
+      fused.append(resize.bilinear_two_pass_if_narrow(feature, target_size))
     return tf.add_n(fused)

@@ -17,8 +17,7 @@ from deeplab_kmax.layers import normalization
 
 def resnet_stem(bn_layer: normalization.NormLayer = (
                     tf_keras.layers.BatchNormalization),
-                width_multiplier: float = 1.0,
-                weight_decay: float = 0.0) -> tf_keras.layers.Layer:
+                width_multiplier: float = 1.0) -> tf_keras.layers.Layer:
   """The original ResNet stem: one strided 7x7 convolution with batch norm.
 
   Unlike the classical ResNet there is no max pooling here: the first block
@@ -26,8 +25,7 @@ def resnet_stem(bn_layer: normalization.NormLayer = (
   """
   return convolutions.Conv2DSame(
       int(round(64 * width_multiplier)), 7, name='stem', strides=2,
-      use_bias=False, use_bn=True, bn_layer=bn_layer, activation=None,
-      weight_decay=weight_decay)
+      use_bias=False, use_bn=True, bn_layer=bn_layer, activation=None)
 
 
 class InceptionStem(tf_keras.layers.Layer):
@@ -42,14 +40,13 @@ class InceptionStem(tf_keras.layers.Layer):
                    tf_keras.layers.BatchNormalization),
                width_multiplier: float = 1.0,
                activation: str = 'relu',
-               weight_decay: float = 0.0,
                name: str = 'stem'):
     super().__init__(name=name)
     narrow = int(64 * width_multiplier)
     wide = int(128 * width_multiplier)
     conv3x3_bn = functools.partial(
         convolutions.Conv2DSame, kernel_size=3, use_bias=False, use_bn=True,
-        bn_layer=bn_layer, weight_decay=weight_decay)
+        bn_layer=bn_layer)
     self._conv1_bn_act = conv3x3_bn(narrow, name='conv1_bn_act', strides=2,
                                     activation=activation)
     self._conv2_bn_act = conv3x3_bn(narrow, name='conv2_bn_act',

@@ -28,34 +28,20 @@ DeepLab2 behaviours kept on purpose (see the named options for fixes):
     (`exclude_unmatched_masks=True` ignores those masks instead).
 """
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional
 
 import tensorflow as tf
 
+from deeplab_kmax import keys
+from deeplab_kmax.config import model_pb2
+from deeplab_kmax.config import trainer_pb2
+from deeplab_kmax.data import dataset_info as dataset_info_lib
+from deeplab_kmax.data import label_space as label_space_lib
 from deeplab_kmax.losses import instance_discrimination
 from deeplab_kmax.losses import mask_id_cross_entropy as mask_id_lib
 from deeplab_kmax.losses import mask_targets as targets_lib
 from deeplab_kmax.losses import pq_style
 from deeplab_kmax.losses import semantic as semantic_lib
-
-# Ground-truth keys (DeepLab2 sample names).
-GT_SEMANTIC = 'semantic_gt'
-GT_THING_ID_MASK = 'thing_id_mask_gt'
-GT_THING_ID_CLASS = 'thing_id_class_gt'
-GT_SEMANTIC_LOSS_WEIGHT = 'semantic_loss_weight'
-# Prediction keys (DeepLab2 model output names).
-PRED_PIXEL_FEATURE = 'pixel_space_normalized_feature'
-PRED_MASK_LOGITS = 'pixel_space_mask_logits'
-PRED_CLASS_LOGITS = 'transformer_class_logits'
-PRED_SEMANTIC_LOGITS = 'semantic_logits'
-PRED_AUXILIARY_OUTPUTS = 'auxiliary_outputs_pred'
-# Loss names (DeepLab2 summary names).
-PQ_STYLE_CLASS_TERM = 'pq_style_loss_class_term'
-PQ_STYLE_MASK_DICE_TERM = 'pq_style_loss_mask_dice_term'
-MASK_ID_CROSS_ENTROPY = 'mask_id_cross_entropy_loss'
-INSTANCE_DISCRIMINATION = 'instance_discrimination_loss'
-SEMANTIC = 'semantic_loss'
-TOTAL = 'total_loss'
 
 
 def auxiliary_loss_name(index: int, term: str) -> str:
@@ -82,9 +68,7 @@ class KMaXLoss:
   """
 
   def __init__(self,
-               num_classes: int,
-               ignore_label: int,
-               thing_class_ids: Sequence[int],
+               label_space: label_space_lib.LabelSpace,
                *,
                pq_style_weight: Optional[float] = 3.0,
                mask_id_cross_entropy_weight: Optional[float] = 0.3,
@@ -106,11 +90,8 @@ class KMaXLoss:
     """Configures the loss; a weight of None or 0 leaves that term out.
 
     Args:
-      num_classes: Semantic classes of the dataset, void included when the
-        ignore label is one of them (COCO: 134 with ignore label 0).
-      ignore_label: Semantic id of void pixels.
-      thing_class_ids: Semantic ids of the thing classes; every other
-        non-void id is a stuff class.
+      label_space: The dataset's ids (`DatasetInfo.label_space`): void,
+        things and stuff, and the class-head order the class logits follow.
       pq_style_weight: Weight of the PQ-style loss (both terms).
       mask_id_cross_entropy_weight: Weight of the mask-ID cross-entropy.
       mask_id_cross_entropy_top_k_percent: Hard-pixel fraction it keeps.
@@ -138,15 +119,7 @@ class KMaXLoss:
         optimum. See `pq_style.MATCHERS`.
       seed: Optional op seed for the Gumbel sampling noise.
     """
-    if ignore_label < 0 or ignore_label > num_classes:
-      self._num_thing_stuff_classes = num_classes
-    else:
-      self._num_thing_stuff_classes = num_classes - 1
-    self._num_classes = num_classes
-    self._ignore_label = ignore_label
-    self._thing_class_ids = [int(i) for i in thing_class_ids]
-    self._stuff_class_ids = targets_lib.stuff_class_ids(
-        self._num_thing_stuff_classes, self._thing_class_ids, ignore_label)
+    self._label_space = label_space
     self._pq_style_weight = pq_style_weight
     self._mask_id_weight = mask_id_cross_entropy_weight
     self._mask_id_top_k = mask_id_cross_entropy_top_k_percent
@@ -180,9 +153,9 @@ class KMaXLoss:
 
   @classmethod
   def from_config(cls,
-                  loss_options: Any,
-                  model_options: Any,
-                  dataset_info: Any,
+                  loss_options: trainer_pb2.LossOptions,
+                  model_options: model_pb2.ModelOptions,
+                  dataset_info: dataset_info_lib.DatasetInfo,
                   auxiliary_output_number: int = 0,
                   use_semantic_sampling: bool = False,
                   **overrides) -> 'KMaXLoss':
@@ -195,8 +168,7 @@ class KMaXLoss:
         and `top_k_percent`). A term is on when its field is set.
       model_options: `model_options`; its `max_deeplab` holds the sampling
         settings.
-      dataset_info: Has `num_classes`, `ignore_label` and
-        `class_has_instances_list` (the thing class ids).
+      dataset_info: The dataset; the loss uses its `label_space`.
       auxiliary_output_number: The model's number of auxiliary predictions
         (0 for evaluation, as in DeepLab2).
       use_semantic_sampling: Apply `max_deeplab.semantic_sample_k` and
@@ -208,9 +180,8 @@ class KMaXLoss:
     """
 
     def option(name):
-      has = getattr(loss_options, 'HasField', None)
-      present = has(name) if has else getattr(loss_options, name, None)
-      return getattr(loss_options, name) if present else None
+      return (getattr(loss_options, name) if loss_options.HasField(name) else
+              None)
 
     def weight(name):
       single = option(name)
@@ -236,59 +207,59 @@ class KMaXLoss:
         semantic_weight=weight('semantic_loss'),
         semantic_top_k_percent=top_k('semantic_loss'),
         auxiliary_output_number=auxiliary_output_number)
-    # deeplab_kmax's loss_options extensions (absent on plain objects).
-    kwargs['matcher'] = getattr(loss_options, 'hungarian_matcher', 'deeplab2')
-    kwargs['exclude_unmatched_masks'] = bool(
-        getattr(loss_options, 'exclude_unmatched_masks', False))
-    use_semantic_sampling = use_semantic_sampling or bool(
-        getattr(loss_options, 'use_semantic_sampling', False))
+    # deeplab_kmax's loss_options extensions.
+    kwargs['matcher'] = loss_options.hungarian_matcher
+    kwargs['exclude_unmatched_masks'] = loss_options.exclude_unmatched_masks
+    use_semantic_sampling = (use_semantic_sampling or
+                             loss_options.use_semantic_sampling)
     if use_semantic_sampling:
       kwargs['semantic_sample_k'] = int(max_deeplab.semantic_sample_k)
       kwargs['semantic_sample_temperature'] = float(
           max_deeplab.semantic_sample_temperature)
     kwargs.update(overrides)
-    return cls(dataset_info.num_classes, dataset_info.ignore_label,
-               dataset_info.class_has_instances_list, **kwargs)
+    return cls(dataset_info.label_space, **kwargs)
 
   @property
   def stuff_class_ids(self) -> list[int]:
-    return list(self._stuff_class_ids)
+    return list(self._label_space.stuff_class_ids)
 
   @property
   def loss_names(self) -> list[str]:
     """Every key `__call__` returns, in DeepLab2's order."""
-    names = [TOTAL]
+    names = [keys.TOTAL_LOSS]
     aux = range(self._num_aux)
     if _enabled(self._pq_style_weight):
-      names += [PQ_STYLE_CLASS_TERM, PQ_STYLE_MASK_DICE_TERM]
+      names += [keys.PQ_STYLE_CLASS_TERM, keys.PQ_STYLE_MASK_DICE_TERM]
       for i in aux:
-        names += [auxiliary_loss_name(i, PQ_STYLE_CLASS_TERM),
-                  auxiliary_loss_name(i, PQ_STYLE_MASK_DICE_TERM)]
+        names += [auxiliary_loss_name(i, keys.PQ_STYLE_CLASS_TERM),
+                  auxiliary_loss_name(i, keys.PQ_STYLE_MASK_DICE_TERM)]
     if _enabled(self._mask_id_weight):
-      names += [MASK_ID_CROSS_ENTROPY]
-      names += [auxiliary_loss_name(i, MASK_ID_CROSS_ENTROPY) for i in aux]
+      names += [keys.MASK_ID_CROSS_ENTROPY]
+      names += [auxiliary_loss_name(i, keys.MASK_ID_CROSS_ENTROPY)
+                for i in aux]
     if _enabled(self._instance_weight):
-      names += [INSTANCE_DISCRIMINATION]
-      names += [auxiliary_loss_name(i, INSTANCE_DISCRIMINATION) for i in aux]
+      names += [keys.INSTANCE_DISCRIMINATION]
+      names += [auxiliary_loss_name(i, keys.INSTANCE_DISCRIMINATION)
+                for i in aux]
     if _enabled(self._semantic_weight):
-      names += [SEMANTIC]
+      names += [keys.SEMANTIC_LOSS]
     return names
 
   def mask_targets(self, y_true: Mapping[str, tf.Tensor],
                    y_pred: Mapping[str, Any]) -> targets_lib.MaskTargets:
     """The ground-truth masks on the grid of y_pred's mask logits."""
-    mask_logits = self._required(y_pred, PRED_MASK_LOGITS, 'y_pred')
+    mask_logits = self._required(y_pred, keys.PIXEL_SPACE_MASK_LOGITS,
+                                 'y_pred')
     if mask_logits.shape.rank != 4 or None in mask_logits.shape[1:]:
-      raise ValueError(f'{PRED_MASK_LOGITS} must be [batch, h, w, slots] with '
-                       f'static h, w, slots; got {mask_logits.shape}.')
+      raise ValueError(f'{keys.PIXEL_SPACE_MASK_LOGITS} must be [batch, h, w, '
+                       f'slots] with static h, w, slots; got '
+                       f'{mask_logits.shape}.')
     return targets_lib.build_mask_targets(
-        self._required(y_true, GT_SEMANTIC, 'y_true'),
-        self._required(y_true, GT_THING_ID_MASK, 'y_true'),
-        self._required(y_true, GT_THING_ID_CLASS, 'y_true'),
+        self._required(y_true, keys.GT_SEMANTIC, 'y_true'),
+        self._required(y_true, keys.GT_THING_ID_MASK, 'y_true'),
+        self._required(y_true, keys.GT_THING_ID_CLASS, 'y_true'),
         output_size=mask_logits.shape[1:3],
-        thing_class_ids=self._thing_class_ids,
-        stuff_ids=self._stuff_class_ids,
-        ignore_label=self._ignore_label)
+        label_space=self._label_space)
 
   def match(self, y_true: Mapping[str, tf.Tensor],
             y_pred: Mapping[str, Any]) -> pq_style.Matching:
@@ -303,25 +274,25 @@ class KMaXLoss:
     targets = self.mask_targets(y_true, y_pred)
     outputs = [self._flat_output(y_pred, 'y_pred')]
     if self._num_aux:
-      auxiliary = y_pred.get(PRED_AUXILIARY_OUTPUTS)
+      auxiliary = y_pred.get(keys.AUXILIARY_OUTPUTS)
       if auxiliary is None or len(auxiliary) != self._num_aux:
         raise ValueError(
             f'Expected {self._num_aux} auxiliary outputs '
-            f'under y_pred[{PRED_AUXILIARY_OUTPUTS!r}], got '
+            f'under y_pred[{keys.AUXILIARY_OUTPUTS!r}], got '
             f'{None if auxiliary is None else len(auxiliary)}.')
-      outputs += [self._flat_output(aux, f'{PRED_AUXILIARY_OUTPUTS}[{i}]')
+      outputs += [self._flat_output(aux, f'{keys.AUXILIARY_OUTPUTS}[{i}]')
                   for i, aux in enumerate(auxiliary)]
       for i, (mask_logits, _, _) in enumerate(outputs[1:]):
         if mask_logits.shape[1:] != outputs[0][0].shape[1:]:
           raise ValueError(
-              f'{PRED_AUXILIARY_OUTPUTS}[{i}] mask logits (flattened '
+              f'{keys.AUXILIARY_OUTPUTS}[{i}] mask logits (flattened '
               f'{mask_logits.shape}) must match the final output '
               f'({outputs[0][0].shape}): same grid and number of slots.')
     per_output = [{} for _ in outputs]
 
     if _enabled(self._instance_weight):
       for losses, (_, _, features) in zip(per_output, outputs):
-        losses[INSTANCE_DISCRIMINATION] = self._instance_weight * (
+        losses[keys.INSTANCE_DISCRIMINATION] = self._instance_weight * (
             self._instance_discrimination(features, targets))
 
     if _enabled(self._pq_style_weight) or _enabled(self._mask_id_weight):
@@ -334,14 +305,14 @@ class KMaXLoss:
       dice_scale = self._alpha / num_slots
       for losses, (mask_logits, class_logits, _) in zip(per_output, outputs):
         if _enabled(self._pq_style_weight):
-          losses[PQ_STYLE_MASK_DICE_TERM] = (
+          losses[keys.PQ_STYLE_MASK_DICE_TERM] = (
               self._pq_style_weight * dice_scale *
               pq_style.mask_dice_term(mask_logits, targets, matched))
-          losses[PQ_STYLE_CLASS_TERM] = self._pq_style_weight * (
+          losses[keys.PQ_STYLE_CLASS_TERM] = self._pq_style_weight * (
               pq_style.class_term(class_logits, matched,
                                   self._alpha))
         if _enabled(self._mask_id_weight):
-          losses[MASK_ID_CROSS_ENTROPY] = self._mask_id_weight * (
+          losses[keys.MASK_ID_CROSS_ENTROPY] = self._mask_id_weight * (
               mask_id_lib.mask_id_cross_entropy(
                   mask_logits, targets, matched.slot_for_mask,
                   self._mask_id_top_k, self._exclude_unmatched))
@@ -351,10 +322,10 @@ class KMaXLoss:
       results.update({auxiliary_loss_name(i, name): value
                       for name, value in losses.items()})
     if _enabled(self._semantic_weight):
-      results[SEMANTIC] = self._semantic_weight * self._semantic_loss(
-          y_true, y_pred, targets)
+      results[keys.SEMANTIC_LOSS] = self._semantic_weight * (
+          self._semantic_loss(y_true, y_pred, targets))
     results = {name: results[name] for name in self.loss_names[1:]}
-    results[TOTAL] = tf.add_n(list(results.values()))
+    results[keys.TOTAL_LOSS] = tf.add_n(list(results.values()))
     return results
 
   def _instance_discrimination(self, features: tf.Tensor,
@@ -369,12 +340,12 @@ class KMaXLoss:
 
   def _semantic_loss(self, y_true, y_pred, targets) -> tf.Tensor:
     return semantic_lib.semantic_cross_entropy(
-        tf.cast(self._required(y_pred, PRED_SEMANTIC_LOGITS, 'y_pred'),
+        tf.cast(self._required(y_pred, keys.SEMANTIC_LOGITS, 'y_pred'),
                 tf.float32),
-        self._required(y_true, GT_SEMANTIC, 'y_true'),
-        self._required(y_true, GT_SEMANTIC_LOSS_WEIGHT, 'y_true'),
-        num_classes=self._num_classes,
-        ignore_label=self._ignore_label,
+        self._required(y_true, keys.GT_SEMANTIC, 'y_true'),
+        self._required(y_true, keys.SEMANTIC_LOSS_WEIGHT, 'y_true'),
+        num_classes=self._label_space.num_classes,
+        ignore_label=self._label_space.ignore_label,
         top_k_percent=self._semantic_top_k,
         sample_k=self._semantic_k,
         sample_temperature=self._semantic_k_temperature,
@@ -383,23 +354,23 @@ class KMaXLoss:
 
   def _flat_output(self, output: Mapping[str, Any], where: str):
     """(mask logits [B, P, S], class logits [B, S, C+1], features [B, P, D])."""
-    mask_logits = tf.cast(self._required(output, PRED_MASK_LOGITS, where),
-                          tf.float32)
-    class_logits = tf.cast(self._required(output, PRED_CLASS_LOGITS, where),
-                           tf.float32)
-    features = tf.cast(self._required(output, PRED_PIXEL_FEATURE, where),
-                       tf.float32)
+    mask_logits, class_logits, features = (
+        tf.cast(self._required(output, key, where), tf.float32)
+        for key in (keys.PIXEL_SPACE_MASK_LOGITS, keys.TRANSFORMER_CLASS_LOGITS,
+                    keys.PIXEL_SPACE_NORMALIZED_FEATURE))
     _, height, width, num_slots = mask_logits.shape
-    expected_classes = self._num_thing_stuff_classes + 1
+    expected_classes = self._label_space.class_head_outputs
     if (class_logits.shape.rank != 3 or
         class_logits.shape[1:] != [num_slots, expected_classes]):
       raise ValueError(
-          f'{where}[{PRED_CLASS_LOGITS!r}] must be [batch, {num_slots}, '
-          f'{expected_classes}] (slots, thing+stuff classes + void), got '
+          f'{where}[{keys.TRANSFORMER_CLASS_LOGITS!r}] must be [batch, '
+          f'{num_slots}, {expected_classes}] (slots, thing+stuff classes + '
+          'void), got '
           f'{class_logits.shape}.')
     if features.shape.rank != 4 or features.shape[1:3] != [height, width]:
-      raise ValueError(f'{where}[{PRED_PIXEL_FEATURE!r}] must be [batch, '
-                       f'{height}, {width}, D], got {features.shape}.')
+      raise ValueError(f'{where}[{keys.PIXEL_SPACE_NORMALIZED_FEATURE!r}] '
+                       f'must be [batch, {height}, {width}, D], got '
+                       f'{features.shape}.')
     batch = tf.shape(mask_logits)[0]
     num_pixels = height * width
     return (tf.reshape(mask_logits, [batch, num_pixels, num_slots]),

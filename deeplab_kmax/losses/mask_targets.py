@@ -12,6 +12,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import tensorflow as tf
 
+from deeplab_kmax.data import label_space as label_space_lib
 from deeplab_kmax.losses import sampling
 
 
@@ -28,22 +29,6 @@ class MaskTargets(NamedTuple):
   mask_area: tf.Tensor  # [B, G] float, pixels on the prediction grid.
 
 
-def stuff_class_ids(num_thing_stuff_classes: int,
-                    thing_class_ids: Sequence[int],
-                    ignore_label: int) -> list[int]:
-  """Semantic ids that are neither things nor the ignore label, sorted.
-
-  With the ignore label inside [0, num_thing_stuff_classes] the ids span
-  num_thing_stuff_classes + 1 values (e.g. COCO: void 0, classes 1..133),
-  otherwise (e.g. Cityscapes: 255) they are 0..num_thing_stuff_classes - 1.
-  """
-  if ignore_label >= num_thing_stuff_classes:
-    ids = set(range(num_thing_stuff_classes))
-  else:
-    ids = set(range(num_thing_stuff_classes + 1)) - {ignore_label}
-  return sorted(ids - set(thing_class_ids))
-
-
 def _lookup(table: np.ndarray, ids: tf.Tensor) -> tf.Tensor:
   """table[ids] with -1 for ids outside the table."""
   inside = (ids >= 0) & (ids < len(table))
@@ -56,9 +41,8 @@ def build_mask_targets(semantic_gt: tf.Tensor,
                        thing_id_mask_gt: tf.Tensor,
                        thing_id_class_gt: tf.Tensor,
                        output_size: Sequence[int],
-                       thing_class_ids: Sequence[int],
-                       stuff_ids: Sequence[int],
-                       ignore_label: int) -> MaskTargets:
+                       label_space: label_space_lib.LabelSpace
+                       ) -> MaskTargets:
   """Reads the ground truth on the output grid and lays out the mask rows.
 
   Args:
@@ -68,9 +52,8 @@ def build_mask_targets(semantic_gt: tf.Tensor,
     thing_id_class_gt: [B, max_thing_id] semantic id of each instance id, -1
       for unused ids (any numeric dtype).
     output_size: Static [h, w] of the predictions.
-    thing_class_ids: Semantic ids of thing classes.
-    stuff_ids: Semantic ids of stuff classes (see `stuff_class_ids`).
-    ignore_label: Semantic id of void pixels.
+    label_space: The dataset's ids: stuff rows follow its stuff ids, class
+      indices its class-head order, void pixels its ignore label.
 
   Returns:
     The MaskTargets.
@@ -81,12 +64,11 @@ def build_mask_targets(semantic_gt: tf.Tensor,
   if max_thing_id is None:
     raise ValueError('thing_id_class_gt needs a static last dimension (the '
                      f'maximum thing id), got shape {thing_id_class_gt.shape}.')
-  thing_stuff_ids = list(thing_class_ids) + list(stuff_ids)
-  table_size = max(thing_stuff_ids) + 1
-  stuff_index = np.full([table_size], -1, np.int32)
-  stuff_index[list(stuff_ids)] = np.arange(len(stuff_ids))
-  class_index = np.full([table_size], -1, np.int32)
-  class_index[thing_stuff_ids] = np.arange(len(thing_stuff_ids))
+  stuff_ids = label_space.stuff_class_ids
+  class_index = label_space.class_index_table()
+  # Stuff rows come right after the thing classes in class-head order.
+  stuff_index = np.where(class_index >= label_space.num_thing_classes,
+                         class_index - label_space.num_thing_classes, -1)
 
   batch = tf.shape(semantic_gt)[0]
   semantic = tf.reshape(
@@ -112,7 +94,8 @@ def build_mask_targets(semantic_gt: tf.Tensor,
   return MaskTargets(
       pixel_masks=pixel_masks,
       pixel_mask_id=pixel_mask_id,
-      pixel_non_void=tf.cast(semantic != ignore_label, tf.float32),
+      pixel_non_void=tf.cast(semantic != label_space.ignore_label,
+                             tf.float32),
       pixel_is_thing=tf.cast(thing_id != -1, tf.float32),
       pixel_inverse_area=num_pixels / tf.maximum(pixel_area, 1.0),
       mask_class=mask_class,

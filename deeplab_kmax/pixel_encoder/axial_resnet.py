@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import tensorflow as tf
 import tf_keras
 
+from deeplab_kmax import keys
 from deeplab_kmax.layers import activations
 from deeplab_kmax.layers import block_group
 from deeplab_kmax.layers import normalization
@@ -39,7 +40,6 @@ class AxialResNet(tf_keras.layers.Layer):
                drop_path_keep_prob: float = 1.0,
                drop_path_schedule: str = 'linear',
                bn_layer: Optional[normalization.NormLayer] = None,
-               weight_decay: float = 0.0,
                width_multiplier: float = 1.0,
                stem_width_multiplier: float = 1.0,
                layer_multiplier: float = 1.0):
@@ -59,12 +59,10 @@ class AxialResNet(tf_keras.layers.Layer):
     self._encoder_output_stride = output_stride
 
     if stem == 'resnet':
-      self._stem = stems.resnet_stem(bn_layer, stem_width_multiplier,
-                                     weight_decay=weight_decay)
+      self._stem = stems.resnet_stem(bn_layer, stem_width_multiplier)
     elif stem == 'inception':
       self._stem = stems.InceptionStem(bn_layer, stem_width_multiplier,
-                                       activation=activation,
-                                       weight_decay=weight_decay)
+                                       activation=activation)
     else:
       raise ValueError(f"{name}: stem must be 'resnet' or 'inception', got "
                        f'{stem!r}.')
@@ -72,8 +70,7 @@ class AxialResNet(tf_keras.layers.Layer):
     shared = {'output_stride': output_stride,
               'use_axial_beyond_stride': use_axial_beyond_stride,
               'drop_path_schedule': drop_path_schedule,
-              'activation': activation, 'bn_layer': bn_layer,
-              'weight_decay': weight_decay}
+              'activation': activation, 'bn_layer': bn_layer}
     # Stage k (2..5) starts at original stride 2^(k-1) and halves it once;
     # its bottleneck width is 32 * that input stride (64 ... 512), scaled by
     # the width multiplier (1.0 for the published models).
@@ -95,12 +92,13 @@ class AxialResNet(tf_keras.layers.Layer):
       raise ValueError(f'{self.name}: expected normalised RGB images '
                        f'[B, H, W, 3], got shape {inputs.shape}.')
     x = self._stem(inputs, training=training)
-    endpoints = {'stage1': x, 'res1': self._activation(x)}
+    endpoints = {keys.encoder_stage(1): x,
+                 keys.encoder_activation(1): self._activation(x)}
     for stage in range(2, 6):
       x = getattr(self, f'_stage{stage}')(x, training=training)
-      endpoints[f'stage{stage}'] = x
-      endpoints[f'res{stage}'] = self._activation(x)
-    endpoints['backbone_output'] = endpoints['res5']
+      endpoints[keys.encoder_stage(stage)] = x
+      endpoints[keys.encoder_activation(stage)] = self._activation(x)
+    endpoints[keys.BACKBONE_OUTPUT] = endpoints[keys.encoder_activation(5)]
     return endpoints
 
 
@@ -108,10 +106,8 @@ def build_axial_resnet(name: str,
                        *,
                        drop_path_keep_prob: float = 1.0,
                        drop_path_schedule: str = 'linear',
-                       use_sync_batchnorm: bool = True,
                        output_stride: int = 32,
                        bn_layer: Optional[normalization.NormLayer] = None,
-                       weight_decay: float = 0.0,
                        width_multiplier: float = 1.0,
                        stem_width_multiplier: float = 1.0,
                        layer_multiplier: float = 1.0) -> AxialResNet:
@@ -119,7 +115,8 @@ def build_axial_resnet(name: str,
 
   DeepLab2's kMaX always uses the linear drop-path schedule for these
   encoders (its config's schedule field is ignored), hence the default.
-  `bn_layer` overrides the (sync) batch norm built from `use_sync_batchnorm`.
+  `bn_layer` builds every batch norm (default: synchronised, DeepLab2's
+  momentum and epsilon).
   The multipliers (DeepLab2's backbone width / stem width / layer
   multipliers) shrink the network for small experiments; the published
   checkpoints need 1.0. The layer builds on its first call.
@@ -127,12 +124,10 @@ def build_axial_resnet(name: str,
   key = name.lower()
   if key.startswith('kmax_'):
     key = key[len('kmax_'):]
-  if bn_layer is None:
-    bn_layer = normalization.batch_norm_factory(use_sync_batchnorm)
   common = {'output_stride': output_stride,
             'drop_path_keep_prob': drop_path_keep_prob,
             'drop_path_schedule': drop_path_schedule,
-            'bn_layer': bn_layer, 'weight_decay': weight_decay,
+            'bn_layer': bn_layer,
             'width_multiplier': width_multiplier,
             'stem_width_multiplier': stem_width_multiplier,
             'layer_multiplier': layer_multiplier}

@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from deeplab_kmax import keys
 from deeplab_kmax.layers import activations
 from deeplab_kmax.layers import drop_path as drop_path_lib
 from deeplab_kmax.layers import normalization
@@ -283,11 +284,11 @@ class ConvNeXtEncoder(tf_keras.Model):
   def endpoint_channels(self) -> Dict[str, int]:
     """Channels of each `stageK`/`resK` endpoint."""
     widths = self._size.widths
-    channels = {'stage1': widths[0]}
-    for i, width in enumerate(widths):
-      channels[f'stage{i + 2}'] = width
-    channels.update({k.replace('stage', 'res'): v
-                     for k, v in list(channels.items())})
+    stage_widths = (widths[0],) + tuple(widths)  # Stages 1..5.
+    channels = {keys.encoder_stage(k + 1): w
+                for k, w in enumerate(stage_widths)}
+    channels.update({keys.encoder_activation(k + 1): w
+                     for k, w in enumerate(stage_widths)})
     return channels
 
   def call(self, images: tf.Tensor, training=None) -> Dict[str, tf.Tensor]:
@@ -299,11 +300,12 @@ class ConvNeXtEncoder(tf_keras.Model):
     for i in range(NUM_STAGES):
       x = self.downsample_layers[i](x, training=training)
       if i == 0:
-        endpoints['stage1'] = x                 # [B, H/4, W/4, C0]
+        endpoints[keys.encoder_stage(1)] = x    # [B, H/4, W/4, C0]
       x = self.stages[i](x, training=training)  # [B, H/2^(i+2), ., Ci]
-      endpoints[f'stage{i + 2}'] = x
+      endpoints[keys.encoder_stage(i + 2)] = x
     for k in range(1, NUM_STAGES + 2):
-      endpoints[f'res{k}'] = self._gelu(endpoints[f'stage{k}'])
+      endpoints[keys.encoder_activation(k)] = self._gelu(
+          endpoints[keys.encoder_stage(k)])
     return endpoints
 
 

@@ -12,8 +12,11 @@ import tempfile
 import zlib
 from typing import Dict, Mapping, Optional, Tuple
 
+from google.protobuf import json_format
 import numpy as np
 import tensorflow as tf
+
+from deeplab_kmax.config import evaluator_pb2
 
 _OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
 _VALUE_SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
@@ -112,3 +115,11 @@ def reference_input(seed: int = 0, height: int = 129,
 def strip_suffix(key: str) -> str:
   """`a/b/kernel/.ATTRIBUTES/VARIABLE_VALUE` -> `a/b/kernel`."""
   return key[:-len(_VALUE_SUFFIX)] if key.endswith(_VALUE_SUFFIX) else key
+
+
+def golden_evaluator_options(options: Mapping) -> evaluator_pb2.EvaluatorOptions:
+  """A golden's `evaluator_options` (its mask-wise settings under
+  `maskwise`) as the config message."""
+  fields = dict(options)
+  fields['maskwise_postprocessing'] = fields.pop('maskwise', {})
+  return json_format.ParseDict(fields, evaluator_pb2.EvaluatorOptions())

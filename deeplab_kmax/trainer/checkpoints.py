@@ -1,4 +1,4 @@
-"""Trainer checkpoints in DeepLab2's layout, and initial-checkpoint loading.
+"""Trainer checkpoints in DeepLab2's layout, written and read by every worker.
 
 A trainer checkpoint is `tf.train.Checkpoint` over
   global_step, the model's `checkpoint_items` (encoder, pixel_decoder, ...),
@@ -6,6 +6,7 @@ A trainer checkpoint is `tf.train.Checkpoint` over
   backbone_optimizer,
 plus the `save_counter` the CheckpointManager adds. Nothing else may be added
 to it, or DeepLab2 trainer checkpoints stop being interchangeable with ours.
+(Initial checkpoints are read by `checkpoint_io.restore_model`.)
 """
 
 import os
@@ -15,7 +16,6 @@ from typing import Any, Callable, Dict, Mapping, Optional
 from absl import logging
 import tensorflow as tf
 
-from deeplab_kmax import checkpoint_io
 
 
 def trainer_checkpoint_items(global_step: tf.Variable,
@@ -46,41 +46,6 @@ class EvaluationCheckpoint(tf.train.Checkpoint):
 
   def restore(self, save_path, options=None):
     return super().restore(save_path, options=options).expect_partial()
-
-
-def restore_initial_checkpoint(path: str,
-                               model_items: Mapping[str, Any],
-                               restore_semantic_last_layer: bool = False,
-                               restore_class_last_layer: bool = True
-                               ) -> checkpoint_io.RestoreReport:
-  """Initialises a built model from `model_options.initial_checkpoint`.
-
-  Accepts a checkpoint prefix or a directory (DeepLab2's or ours). Only model
-  items are read; optimizer state and extra entries in the file are ignored.
-  The semantic last layer is class-count specific, so, as in DeepLab2, it is
-  skipped unless `restore_semantic_last_layer`; the transformer class heads
-  likewise unless `restore_class_last_layer`. Model variables the file
-  lacks keep their initialisation and are listed in the returned report
-  (and the log).
-  """
-  if 'encoder' not in model_items:
-    raise ValueError('The model checkpoint items have no `encoder`; cannot '
-                     'restore an initial checkpoint.')
-  report = checkpoint_io.restore(
-      model_items, path,
-      skip_patterns=checkpoint_io.initial_checkpoint_skip_patterns(
-          restore_semantic_last_layer=restore_semantic_last_layer,
-          restore_class_last_layer=restore_class_last_layer))
-  if not report.restored:
-    raise ValueError(f'Initial checkpoint {path!r} shares no variable with the '
-                     'model; is it a kMaX-DeepLab / DeepLab2 checkpoint of the '
-                     'same backbone?')
-  checkpoint_io.log_report(report, path)
-  if report.missing:
-    logging.warning('%d model variables were not in %s and keep their '
-                    'initialisation, e.g. %s', len(report.missing), path,
-                    report.missing[:5])
-  return report
 
 
 def _worker_temp_dir(model_dir: str, task_id: int) -> str:

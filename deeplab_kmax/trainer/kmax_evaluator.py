@@ -23,21 +23,11 @@ import tensorflow as tf
 import tf_keras
 
 from deeplab_kmax import evaluation
+from deeplab_kmax import keys
+from deeplab_kmax.data import preprocessing
 from deeplab_kmax.evaluation import official_panoptic_quality as official_pq
 from deeplab_kmax.trainer import summaries
 
-IMAGE = 'image'
-RESIZED_IMAGE = 'resized_image'
-PANOPTIC_RAW = 'panoptic_raw'
-SEMANTIC_RAW = 'semantic_raw'
-PANOPTIC_GT = 'panoptic_gt'
-SEMANTIC_GT = 'semantic_gt'
-PANOPTIC_PRED = 'panoptic_pred'
-SEMANTIC_PRED = 'semantic_pred'
-SEMANTIC_SCORES = 'semantic_scores'
-INSTANCE_SCORES = 'instance_scores'
-IMAGE_NAME = 'image_name'
-SIZE_RAW = 'size_raw'
 _VIS_IMAGE = 'vis_image'
 _VIS_PANOPTIC = 'vis_panoptic'
 
@@ -69,13 +59,6 @@ def _known_length(dataset) -> Optional[int]:
     return None
   length = int(dataset.cardinality())
   return length if length >= 0 else None
-
-
-def _resize_nearest(labels: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-  """[B, h, w] integer maps -> [B, H, W], corners aligned like DeepLab2."""
-  resized = tf.compat.v1.image.resize_nearest_neighbor(
-      labels[..., tf.newaxis], size, align_corners=True)
-  return resized[..., 0]
 
 
 class KMaXEvaluator(orbit.StandardEvaluator):
@@ -276,58 +259,59 @@ class KMaXEvaluator(orbit.StandardEvaluator):
 
   def _predict(self, inputs: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     """Inference plus undoing the padding/resizing, on device."""
-    images = inputs[IMAGE]
+    images = inputs[keys.IMAGE]
     tf.debugging.assert_equal(
         tf.shape(images)[0], 1,
         message='Evaluation takes one image per batch (raw sizes differ); set '
         'eval_dataset_options.batch_size to 1.')
     predictions = self._model(images, training=False)
-    for key in (PANOPTIC_PRED, SEMANTIC_PRED):
+    for key in (keys.PANOPTIC_PRED, keys.SEMANTIC_PRED):
       if key not in predictions:
         raise KeyError(f'The model returned {sorted(predictions)} in '
                        f'inference mode; the evaluator needs {key!r}.')
-    valid = tf.shape(inputs.get(RESIZED_IMAGE, images))[1:3]
+    valid = tf.shape(inputs.get(keys.RESIZED_IMAGE, images))[1:3]
     outputs = {}
-    gt_panoptic = inputs.get(PANOPTIC_RAW, inputs.get(PANOPTIC_GT))
-    gt_semantic = inputs.get(SEMANTIC_RAW, inputs.get(SEMANTIC_GT))
+    gt_panoptic = inputs.get(keys.GT_PANOPTIC_RAW, inputs.get(keys.GT_PANOPTIC))
+    gt_semantic = inputs.get(keys.GT_SEMANTIC_RAW, inputs.get(keys.GT_SEMANTIC))
     if gt_panoptic is not None:
-      if PANOPTIC_RAW not in inputs:  # Labels at the crop: drop the padding.
+      # Labels at the crop: drop the padding.
+      if keys.GT_PANOPTIC_RAW not in inputs:
         gt_panoptic = gt_panoptic[:, :valid[0], :valid[1]]
       raw_size = tf.shape(gt_panoptic)[1:3]
-      outputs[PANOPTIC_GT] = gt_panoptic
+      outputs[keys.GT_PANOPTIC] = gt_panoptic
       if gt_semantic is not None:
-        if SEMANTIC_RAW not in inputs:
+        if keys.GT_SEMANTIC_RAW not in inputs:
           gt_semantic = gt_semantic[:, :valid[0], :valid[1]]
-        outputs[SEMANTIC_GT] = gt_semantic
-    elif SIZE_RAW in inputs:  # Unlabelled: predictions at the image's size.
-      raw_size = tf.cast(inputs[SIZE_RAW][0], tf.int32)
+        outputs[keys.GT_SEMANTIC] = gt_semantic
+    elif keys.GT_SIZE_RAW in inputs:  # Unlabelled: at the image's size.
+      raw_size = tf.cast(inputs[keys.GT_SIZE_RAW][0], tf.int32)
     else:
       raw_size = valid
-    for key in (PANOPTIC_PRED, SEMANTIC_PRED, SEMANTIC_SCORES,
-                INSTANCE_SCORES):
-      if key in predictions:
-        outputs[key] = _resize_nearest(
-            predictions[key][:, :valid[0], :valid[1]], raw_size)
-    if IMAGE_NAME in inputs and not self._use_strategy_run:
-      outputs[IMAGE_NAME] = inputs[IMAGE_NAME]
+    outputs.update(preprocessing.undo_eval_preprocessing(
+        {key: predictions[key]
+         for key in (keys.PANOPTIC_PRED, keys.SEMANTIC_PRED,
+                     keys.SEMANTIC_SCORES, keys.INSTANCE_SCORES)
+         if key in predictions}, valid, raw_size))
+    if keys.IMAGE_NAME in inputs and not self._use_strategy_run:
+      outputs[keys.IMAGE_NAME] = inputs[keys.IMAGE_NAME]
     if self._num_vis_samples > 0:
       outputs[_VIS_IMAGE] = tf.cast(
           tf.clip_by_value(images[:, :valid[0], :valid[1]], 0, 255), tf.uint8)
-      outputs[_VIS_PANOPTIC] = predictions[PANOPTIC_PRED][
+      outputs[_VIS_PANOPTIC] = predictions[keys.PANOPTIC_PRED][
           :, :valid[0], :valid[1]]
     return outputs
 
   def _accumulate(self, outputs: Dict[str, np.ndarray]) -> None:
     self._num_examples += 1
-    if PANOPTIC_GT in outputs:
-      self._panoptic_quality.update(outputs[PANOPTIC_GT][0],
-                                    outputs[PANOPTIC_PRED][0])
+    if keys.GT_PANOPTIC in outputs:
+      self._panoptic_quality.update(outputs[keys.GT_PANOPTIC][0],
+                                    outputs[keys.PANOPTIC_PRED][0])
       if self._official_panoptic_quality is not None:
-        self._official_panoptic_quality.update(outputs[PANOPTIC_GT][0],
-                                               outputs[PANOPTIC_PRED][0])
-      if SEMANTIC_GT in outputs:
-        self._semantic_iou.update(outputs[SEMANTIC_GT][0],
-                                  outputs[SEMANTIC_PRED][0])
+        self._official_panoptic_quality.update(outputs[keys.GT_PANOPTIC][0],
+                                               outputs[keys.PANOPTIC_PRED][0])
+      if keys.GT_SEMANTIC in outputs:
+        self._semantic_iou.update(outputs[keys.GT_SEMANTIC][0],
+                                  outputs[keys.SEMANTIC_PRED][0])
     else:
       self._has_labels = False
     for metric in self._extra_metrics:

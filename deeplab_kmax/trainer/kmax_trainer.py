@@ -7,6 +7,11 @@ learning-rate multiplier) and one for everything else.
 
 Gradients are all-reduced explicitly before clipping, so clipping sees the
 gradient of the global batch and one replica or many give the same update.
+
+Performance options (trainer_options extensions): the model may compute in
+bfloat16 / float16 (predictions are cast to float32 before the loss; float16
+scales the loss dynamically and skips steps whose gradients overflow), and
+the forward + loss + gradient part of the step may be compiled with XLA.
 """
 
 import time
@@ -16,11 +21,11 @@ import orbit
 import tensorflow as tf
 import tf_keras
 
+from deeplab_kmax import keys
+from deeplab_kmax import precision as precision_lib
+from deeplab_kmax import precision_options
 from deeplab_kmax.trainer import optimizer as optimizer_lib
 from deeplab_kmax.trainer import progress_log as progress_log_lib
-
-TOTAL_LOSS = 'total_loss'
-IMAGE = 'image'
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,9 +39,9 @@ def _loss_names(loss_fn, loss_names: Optional[Sequence[str]]) -> list:
       if value is not None:
         loss_names = value() if callable(value) else value
         break
-  names = list(loss_names or [TOTAL_LOSS])
-  if TOTAL_LOSS not in names:
-    names.insert(0, TOTAL_LOSS)
+  names = list(loss_names or [keys.TOTAL_LOSS])
+  if keys.TOTAL_LOSS not in names:
+    names.insert(0, keys.TOTAL_LOSS)
   return names
 
 
@@ -83,7 +88,9 @@ class KMaXTrainer(orbit.StandardTrainer):
       image_summary_interval: Optional[int] = None,
       strategy: Optional[tf.distribute.Strategy] = None,
       options: Optional[orbit.StandardTrainerOptions] = None,
-      progress_log: Optional[progress_log_lib.ProgressLog] = None):
+      progress_log: Optional[progress_log_lib.ProgressLog] = None,
+      mixed_precision: str = precision_options.FLOAT32,
+      jit_compile: bool = False):
     """Creates the trainer.
 
     Args:
@@ -108,6 +115,10 @@ class KMaXTrainer(orbit.StandardTrainer):
       options: Orbit loop options.
       progress_log: where each loop's line and JSON record go; by default
         the line is logged and no JSON file is written.
+      mixed_precision: the precision the model was built with (one of
+        `precision_options.TRAINING_PRECISIONS`); "mixed_float16" adds
+        dynamic loss scaling.
+      jit_compile: compile forward, loss and gradients with XLA.
     """
     self._strategy = strategy or tf.distribute.get_strategy()
     if isinstance(train_dataset, tf.data.Dataset):
@@ -133,8 +144,21 @@ class KMaXTrainer(orbit.StandardTrainer):
     self._image_summary_fn = image_summary_fn
     self._image_summary_interval = image_summary_interval
     self._progress_log = progress_log or progress_log_lib.ProgressLog()
+    precision_lib.check_precision(mixed_precision,
+                                  precision_options.TRAINING_PRECISIONS,
+                                  'mixed_precision')
+    self._gradients_fn = (tf.function(self._loss_and_gradients,
+                                      jit_compile=True)
+                          if jit_compile else self._loss_and_gradients)
 
     with self._strategy.scope():
+      # One scaler per optimizer; both see the same finite/non-finite
+      # pattern (see `_apply`), so their scales stay equal.
+      self._loss_scalers = None
+      if precision_lib.uses_loss_scaling(mixed_precision):
+        self._loss_scalers = {
+            id(o): precision_lib.loss_scaler(o)
+            for o in (optimizer, backbone_optimizer) if o is not None}
       self._loss_metrics = {
           name: tf_keras.metrics.Mean(f'train_{name}', dtype=tf.float32)
           for name in _loss_names(loss_fn, loss_names)
@@ -197,7 +221,7 @@ class KMaXTrainer(orbit.StandardTrainer):
           'input data.')
 
     logs = {f'losses/train_{name}': value for name, value in losses.items()}
-    logs['learning_rate'] = optimizer_lib.current_learning_rate(
+    logs[keys.LEARNING_RATE] = optimizer_lib.current_learning_rate(
         self._optimizer)
     if self._backbone_optimizer is not None:
       logs['backbone_learning_rate'] = optimizer_lib.current_learning_rate(
@@ -216,25 +240,43 @@ class KMaXTrainer(orbit.StandardTrainer):
     return list(self._loss_metrics.values()) + [self._gradient_norm,
                                                 self._nonfinite_steps]
 
-  def _replica_step(self, inputs: Mapping[str, Any]):
+  def _loss_and_gradients(self, inputs: Mapping[str, Any]):
+    """This replica's loss means, objective and (unscaled) gradients, one per
+    trainable variable (None where a variable gets none)."""
     num_replicas = self._strategy.num_replicas_in_sync
     with tf.GradientTape() as tape:
-      predictions = self._model(inputs[IMAGE], training=True)
+      # Whatever the model computes in, the loss reads float32.
+      predictions = precision_lib.to_float32(
+          self._model(inputs[keys.IMAGE], training=True))
       per_example = self._loss_fn(inputs, predictions)
-      if TOTAL_LOSS not in per_example:
+      if keys.TOTAL_LOSS not in per_example:
         raise KeyError(f'The loss returned {sorted(per_example)}; expected a '
-                       f'{TOTAL_LOSS!r} entry.')
+                       f'{keys.TOTAL_LOSS!r} entry.')
       # Mean over this replica's examples; dividing by the replica count
       # makes the cross-replica gradient sum the global-batch mean.
       local_means = {name: tf.reduce_mean(tf.cast(value, tf.float32))
                      for name, value in per_example.items()}
-      objective = local_means[TOTAL_LOSS]
+      objective = local_means[keys.TOTAL_LOSS]
       if self._model.losses:
-        objective += tf.add_n(self._model.losses)
+        objective += tf.add_n(precision_lib.to_float32(self._model.losses))
       scaled_objective = objective / num_replicas
+      scaler = self._main_loss_scaler()
+      if scaler is not None:
+        scaled_objective = scaler.get_scaled_loss(scaled_objective)
 
+    gradients = tape.gradient(scaled_objective,
+                              self._model.trainable_variables)
+    if scaler is not None:
+      gradients = scaler.get_unscaled_gradients(gradients)
+    return local_means, objective, gradients
+
+  def _main_loss_scaler(self):
+    return (None if self._loss_scalers is None else
+            self._loss_scalers[id(self._optimizer)])
+
+  def _replica_step(self, inputs: Mapping[str, Any]):
+    local_means, objective, gradients = self._gradients_fn(inputs)
     variables = self._model.trainable_variables
-    gradients = tape.gradient(scaled_objective, variables)
     pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
     if not pairs:
       raise ValueError('The loss has no gradient with respect to any '
@@ -248,25 +290,44 @@ class KMaXTrainer(orbit.StandardTrainer):
     if self._clip_gradient_norm:
       gradients, _ = tf.clip_by_global_norm(
           gradients, self._clip_gradient_norm, use_norm=gradient_norm)
-    self._apply(list(zip(gradients, variables)))
+    gradients_finite = tf.math.is_finite(gradient_norm)
+    self._apply(list(zip(gradients, variables)), gradients_finite)
 
-    finite = tf.logical_and(tf.math.is_finite(objective),
-                            tf.math.is_finite(gradient_norm))
+    if self._loss_scalers is None:
+      finite = tf.logical_and(tf.math.is_finite(objective), gradients_finite)
+      self._gradient_norm.update_state(gradient_norm)
+    else:
+      # Overflowing gradients are expected with loss scaling: that step is
+      # skipped and the scale lowered; only a non-finite loss is an error.
+      finite = tf.math.is_finite(objective)
+      self._gradient_norm.update_state(
+          tf.where(gradients_finite, gradient_norm, 0.0),
+          sample_weight=tf.cast(gradients_finite, tf.float32))
     self._nonfinite_steps.update_state(
         1.0 - tf.cast(finite, tf.float32))
-    self._gradient_norm.update_state(gradient_norm)
     for name, metric in self._loss_metrics.items():
       if name in local_means:
         metric.update_state(local_means[name])
 
-  def _apply(self, gradients_and_variables):
-    """Sends encoder variables to the backbone optimizer, the rest to main."""
+  def _apply(self, gradients_and_variables, gradients_finite: tf.Tensor):
+    """Sends encoder variables to the backbone optimizer, the rest to main.
+
+    With loss scaling each group goes through its optimizer's scaler, which
+    skips the update and lowers the scale when its gradients are not finite;
+    a non-finite gradient anywhere is made visible to every group, so all
+    skip together and their scales stay equal.
+    """
     groups = [(self._optimizer, gradients_and_variables)]
     if self._backbone_optimizer is not None:
       main_pairs, backbone_pairs = partition_by_backbone(
           gradients_and_variables, self._backbone_variables())
       groups = [(self._optimizer, main_pairs),
                 (self._backbone_optimizer, backbone_pairs)]
+    if self._loss_scalers is not None:
+      poison = tf.where(gradients_finite, 0.0, float('nan'))
+      groups = [(self._loss_scalers[id(optimizer)],
+                 [(g + tf.cast(poison, g.dtype), v) for g, v in pairs])
+                for optimizer, pairs in groups]
     for optimizer, pairs in groups:
       if pairs:
         optimizer.apply_gradients(pairs,
@@ -281,7 +342,7 @@ class KMaXTrainer(orbit.StandardTrainer):
     self._progress_log.log(progress_log_lib.LoopRecord(
         step=step,
         losses={name: float(value) for name, value in losses.items()},
-        learning_rate=float(logs['learning_rate']),
+        learning_rate=float(logs[keys.LEARNING_RATE]),
         steps_per_second=(step - self._loop_start_step) / elapsed,
         total_steps=self._total_steps,
         extra=extra))

@@ -32,17 +32,16 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 
 from absl import logging
 
-from deeplab_kmax.losses import kmax_loss
+from deeplab_kmax import keys
 
 JSONL_FILENAME = 'train_log.jsonl'
-TOTAL_LOSS = kmax_loss.TOTAL
 # (short name on the line, loss name), in the order of the line.
 LINE_TERMS = (
-    ('pq_class', kmax_loss.PQ_STYLE_CLASS_TERM),
-    ('pq_dice', kmax_loss.PQ_STYLE_MASK_DICE_TERM),
-    ('mask_id', kmax_loss.MASK_ID_CROSS_ENTROPY),
-    ('inst_disc', kmax_loss.INSTANCE_DISCRIMINATION),
-    ('semantic', kmax_loss.SEMANTIC),
+    ('pq_class', keys.PQ_STYLE_CLASS_TERM),
+    ('pq_dice', keys.PQ_STYLE_MASK_DICE_TERM),
+    ('mask_id', keys.MASK_ID_CROSS_ENTROPY),
+    ('inst_disc', keys.INSTANCE_DISCRIMINATION),
+    ('semantic', keys.SEMANTIC_LOSS),
 )
 
 _NUMBER = r'[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)'
@@ -103,7 +102,7 @@ class LoopRecord:
         'step': int(self.step),
         'total_steps': self.total_steps,
         'time': time.time(),
-        'learning_rate': float(self.learning_rate),
+        keys.LEARNING_RATE: float(self.learning_rate),
         'steps_per_second': float(self.steps_per_second),
         'eta_seconds': self.eta_seconds,
         'losses': {name: _json_number(value)
@@ -122,7 +121,7 @@ def format_line(record: LoopRecord) -> str:
   """The one INFO line of a loop (see the module docstring)."""
   step = (f'step {record.step}/{record.total_steps}' if record.total_steps
           else f'step {record.step}')
-  parts = [step, f'loss {float(record.losses[TOTAL_LOSS]):.4f}']
+  parts = [step, f'loss {float(record.losses[keys.TOTAL_LOSS]):.4f}']
   terms = [f'{short} {float(record.losses[name]):.4f}'
            for short, name in LINE_TERMS if name in record.losses]
   if terms:

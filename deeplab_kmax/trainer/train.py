@@ -1,7 +1,7 @@
 """Command line: train / evaluate kMaX-DeepLab from a DeepLab2-style config.
 
   python -m deeplab_kmax.trainer.train \
-      --config_file=configs/coco/kmax_meta_r50_os32.textproto \
+      --config_file=configs/coco/kmax_meta_r50.textproto \
       --mode=train_and_eval --model_dir=/tmp/kmax --num_gpus=8
 
 Checkpoints and summaries go to <model_dir>/<experiment_name> (DeepLab2's
@@ -17,11 +17,11 @@ from absl import flags
 from absl import logging
 
 from deeplab_kmax import cli_errors
+from deeplab_kmax.config import validation
 
 flags.DEFINE_string('config_file', None,
                     'ExperimentOptions textproto (DeepLab2 format).')
-flags.DEFINE_enum('mode', None,
-                  ['train', 'eval', 'train_and_eval', 'continuous_eval'],
+flags.DEFINE_enum('mode', None, list(validation.TRAINING_MODES),
                   'What to run.')
 flags.DEFINE_string('model_dir', None,
                     'Base folder; the experiment writes into '
@@ -48,35 +48,29 @@ FLAGS = flags.FLAGS
 NON_FINITE_LOSS_STATUS = 3
 
 
-def _apply_overrides(config, overrides):
-  from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.apply_override_flags(config, overrides)
-
-
 def main(argv):
   del argv
   if not FLAGS.config_file or not FLAGS.mode or not FLAGS.model_dir:
     raise app.UsageError('--config_file, --mode and --model_dir are required.')
+  from deeplab_kmax.trainer import distribution  # pylint: disable=g-import-not-at-top
   if FLAGS.worker_hosts:
-    from deeplab_kmax.trainer import distribution  # pylint: disable=g-import-not-at-top
     distribution.set_tf_config(FLAGS.worker_hosts, FLAGS.task_index)
 
   from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
   from deeplab_kmax.trainer import kmax_trainer  # pylint: disable=g-import-not-at-top
   from deeplab_kmax.trainer import train_lib  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.load_config(FLAGS.config_file)
-  config = _apply_overrides(config, FLAGS.config_override)
-  config = train_lib.prepare_config(config, FLAGS.mode)
+  config = config_lib.load_experiment(
+      FLAGS.config_file, FLAGS.config_override or (), mode=FLAGS.mode)
   model_dir = FLAGS.model_dir
   if config.experiment_name:
     model_dir = os.path.join(model_dir, config.experiment_name)
   logging.info('Running %s for experiment %r in %s.', FLAGS.mode,
                config.experiment_name, model_dir)
   try:
-    train_lib.run_experiment(FLAGS.mode, config, model_dir,
-                             tpu=FLAGS.tpu or FLAGS.master,
-                             num_gpus=FLAGS.num_gpus)
+    train_lib.run_prepared(FLAGS.mode, config, model_dir,
+                           distribution.create_strategy(
+                               FLAGS.tpu or FLAGS.master, FLAGS.num_gpus))
   except kmax_trainer.NonFiniteLossError as e:
     logging.error('%s', e)
     print(f'ERROR: {e}', file=sys.stderr)

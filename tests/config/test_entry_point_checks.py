@@ -7,7 +7,6 @@ import pytest
 
 from deeplab_kmax import config as config_lib
 from deeplab_kmax.config import validation
-from deeplab_kmax.trainer import train_lib
 
 from tests.export import helpers
 
@@ -18,6 +17,11 @@ def _demo():
   return config_lib.load_config(DEMO)
 
 
+def _for_inference(overrides=()):
+  return config_lib.load_experiment(str(DEMO), overrides,
+                                    mode=config_lib.INFERENCE)
+
+
 @pytest.mark.parametrize('crop', ['[128,128]', '[129,130]', '[0,129]'])
 def test_export_and_predict_reject_the_crops_training_rejects(crop,
                                                              monkeypatch):
@@ -25,20 +29,20 @@ def test_export_and_predict_reject_the_crops_training_rejects(crop,
   override = f'eval_dataset_options.crop_size={crop}'
   with pytest.raises(config_lib.ConfigError,
                      match=r'eval_dataset_options.crop_size is \[.*32'):
-    config_lib.load_for_inference(str(DEMO), [override])
+    _for_inference([override])
   config = config_lib.override(_demo(),
                                config_lib.parse_override_flags([override]))
   with pytest.raises(config_lib.ConfigError,
                      match=r'eval_dataset_options.crop_size is \[.*32'):
-    train_lib.prepare_config(config, 'eval', check_files=False)
+    config_lib.prepare_config(config, 'eval', check_files=False)
 
 
 def test_inference_checks_the_values_training_checks():
   with pytest.raises(config_lib.ConfigError,
                      match='maskwise_postprocessing.overlapping_threshold'):
-    config_lib.load_for_inference(str(DEMO), [
+    _for_inference([
         'evaluator_options.maskwise_postprocessing.overlapping_threshold=1.5'])
-  config = config_lib.load_for_inference(str(DEMO))
+  config = _for_inference()
   assert list(config.eval_dataset_options.crop_size) == [129, 129]
 
 
@@ -87,19 +91,20 @@ def test_float_ranges_are_checked(field, value, expected):
 
 
 def test_shipped_demo_config_has_no_problem():
-  assert validation.find_problems(_demo(), validation.DATASET_SECTIONS) == []
+  assert validation.find_problems(_demo(), 'train_and_eval') == []
 
 
 @pytest.mark.parametrize('value', ['run{1}', 'a:b', 'x=y', 'has { brace }'])
-def test_field_overrides_take_any_string(value):
+def test_field_overrides_take_any_string(value, monkeypatch):
   flag = f'experiment_name={value}'
   config = config_lib.apply_override_flags(_demo(), [flag])
   assert config.experiment_name == value
-  # The training command line applies overrides the same way.
-  from deeplab_kmax.trainer import train as train_cli  # pylint: disable=g-import-not-at-top
-  assert train_cli._apply_overrides(_demo(), [flag]).experiment_name == value
-  assert config_lib.load_for_inference(str(DEMO), [flag]).experiment_name == (
-      value)
+  # Training and inference command lines load configs the same way.
+  monkeypatch.setenv('DEMO_DIR', '/nonexistent/demo')
+  trained = config_lib.load_experiment(str(DEMO), [flag], mode='train',
+                                       check_files=False)
+  assert trained.experiment_name == value
+  assert _for_inference([flag]).experiment_name == value
 
 
 def test_textproto_overrides_still_work():

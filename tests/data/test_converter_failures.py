@@ -13,11 +13,11 @@ import psutil
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax import keys
 from deeplab_kmax.config import dataset_pb2
 from deeplab_kmax.data import demo_dataset
 from deeplab_kmax.data import input_pipeline
 from deeplab_kmax.data import panoptic_conversion
-from deeplab_kmax.data import sample_generator as sg
 from deeplab_kmax.data import shard_files
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -101,11 +101,11 @@ def test_grayscale_and_cmyk_jpegs_convert_and_decode_with_3_channels(
       dataset=demo_dataset.NAME, dataset_descriptor=str(descriptor),
       file_pattern=shards, batch_size=1, crop_size=[17, 17])
   samples = list(input_pipeline.create_dataset(options, is_training=False))
-  assert [s[sg.IMAGE_NAME][0].numpy().decode() for s in samples] == stems
+  assert [s[keys.IMAGE_NAME][0].numpy().decode() for s in samples] == stems
   for stem, sample in zip(stems, samples):
-    assert sample[sg.IMAGE].shape == (1, 17, 17, 3)
-    assert sample[sg.GT_SIZE_RAW][0].numpy().tolist() == [10, 14]
-    decoded = sample[sg.IMAGE][0, :10, :14].numpy().astype(np.float32)
+    assert sample[keys.IMAGE].shape == (1, 17, 17, 3)
+    assert sample[keys.GT_SIZE_RAW][0].numpy().tolist() == [10, 14]
+    decoded = sample[keys.IMAGE][0, :10, :14].numpy().astype(np.float32)
     expected = np.asarray(Image.open(
         tmp_path / 'coco' / 'val2017' / f'{stem}.jpg').convert('RGB'),
                           np.float32)

@@ -10,11 +10,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from deeplab_kmax import keys
 from deeplab_kmax.config import dataset_pb2
 from deeplab_kmax.data import dataset_info
 from deeplab_kmax.data import demo_dataset
 from deeplab_kmax.data import input_pipeline
-from deeplab_kmax.data import sample_generator as sg
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -51,27 +51,27 @@ def test_training_batches_are_consistent(demo_data):
                                           is_training=True,
                                           shuffle_buffer_size=16)
   for batch in dataset.take(4):
-    assert batch[sg.IMAGE].shape == (2, 65, 65, 3)
-    assert batch[sg.GT_THING_ID_CLASS].shape == (2, 32)
-    image = batch[sg.IMAGE].numpy()
+    assert batch[keys.IMAGE].shape == (2, 65, 65, 3)
+    assert batch[keys.GT_THING_ID_CLASS].shape == (2, 32)
+    image = batch[keys.IMAGE].numpy()
     assert image.min() >= 0 and image.max() <= 255
-    panoptic = batch[sg.GT_PANOPTIC].numpy()
-    semantic = batch[sg.GT_SEMANTIC].numpy()
+    panoptic = batch[keys.GT_PANOPTIC].numpy()
+    semantic = batch[keys.GT_SEMANTIC].numpy()
     np.testing.assert_array_equal(semantic, panoptic // 256)
     assert set(np.unique(semantic)) <= set(range(info.num_classes))
-    crowd = batch[sg.GT_IS_CROWD].numpy()
+    crowd = batch[keys.GT_IS_CROWD].numpy()
     thing = np.isin(semantic, info.thing_class_ids)
-    ids = batch[sg.GT_THING_ID_MASK].numpy()
+    ids = batch[keys.GT_THING_ID_MASK].numpy()
     np.testing.assert_array_equal(ids >= 0, thing & ~crowd)
-    classes = batch[sg.GT_THING_ID_CLASS].numpy()
+    classes = batch[keys.GT_THING_ID_CLASS].numpy()
     for b in range(2):
       for k in np.unique(ids[b][ids[b] >= 0]):
         assert (semantic[b][ids[b] == k] == classes[b, k]).all()
       assert (classes[b, len(np.unique(ids[b][ids[b] >= 0])):] == -1).all()
     # kMaX's targets only: no Panoptic-DeepLab centre/offset targets.
     assert set(batch) == {
-        sg.IMAGE, sg.GT_SEMANTIC, sg.GT_PANOPTIC, sg.GT_IS_CROWD,
-        sg.SEMANTIC_LOSS_WEIGHT, sg.GT_THING_ID_MASK, sg.GT_THING_ID_CLASS}
+        keys.IMAGE, keys.GT_SEMANTIC, keys.GT_PANOPTIC, keys.GT_IS_CROWD,
+        keys.SEMANTIC_LOSS_WEIGHT, keys.GT_THING_ID_MASK, keys.GT_THING_ID_CLASS}
 
 
 def test_center_targets_on_request(demo_data):
@@ -80,13 +80,13 @@ def test_center_targets_on_request(demo_data):
       options, is_training=True, shuffle_buffer_size=16, seed=3,
       center_targets=True)
   batch = next(iter(with_centers))
-  center_keys = {sg.CENTER_LOSS_WEIGHT, sg.REGRESSION_LOSS_WEIGHT,
-                 sg.GT_INSTANCE_CENTER, sg.GT_INSTANCE_REGRESSION}
+  center_keys = {keys.CENTER_LOSS_WEIGHT, keys.REGRESSION_LOSS_WEIGHT,
+                 keys.GT_INSTANCE_CENTER, keys.GT_INSTANCE_REGRESSION}
   assert center_keys <= set(batch)
-  assert batch[sg.GT_INSTANCE_CENTER].shape == (2, 65, 65)
-  assert batch[sg.GT_INSTANCE_REGRESSION].shape == (2, 65, 65, 2)
+  assert batch[keys.GT_INSTANCE_CENTER].shape == (2, 65, 65)
+  assert batch[keys.GT_INSTANCE_REGRESSION].shape == (2, 65, 65, 2)
   # Heatmap peaks (value 1) exactly at some pixel of every visible instance.
-  assert float(batch[sg.GT_INSTANCE_CENTER].numpy().max()) == 1.0
+  assert float(batch[keys.GT_INSTANCE_CENTER].numpy().max()) == 1.0
 
 
 def _expected_panoptic(demo_data, stem, info):
@@ -119,7 +119,7 @@ def test_evaluation_round_trip_and_determinism(demo_data):
   dataset = input_pipeline.create_dataset(options, is_training=False)
   first = list(dataset)
   second = list(dataset)
-  names = [s[sg.IMAGE_NAME].numpy()[0].decode() for s in first]
+  names = [s[keys.IMAGE_NAME].numpy()[0].decode() for s in first]
   assert names == [f'{500001 + i:012d}' for i in range(4)]  # All, in order.
   for a, b in zip(first, second):
     for key in a:
@@ -131,17 +131,17 @@ def test_evaluation_round_trip_and_determinism(demo_data):
         np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(),
                                       err_msg=key)
   for sample, name in zip(first, names):
-    raw = sample[sg.GT_PANOPTIC_RAW].numpy()[0]
+    raw = sample[keys.GT_PANOPTIC_RAW].numpy()[0]
     np.testing.assert_array_equal(raw, _expected_panoptic(demo_data, name,
                                                           info))
     # 128 -> 65: the full image fits the crop, nothing is padded.
-    assert sample[sg.RESIZED_IMAGE].shape == (1, 65, 65, 3)
+    assert sample[keys.RESIZED_IMAGE].shape == (1, 65, 65, 3)
 
 
 def test_every_sample_is_seen_once_per_eval_pass(demo_data):
   options = _options(demo_data, split='val', batch_size=3)
   batches = list(input_pipeline.create_dataset(options, is_training=False))
-  assert [b[sg.IMAGE].shape[0] for b in batches] == [3, 1]
+  assert [b[keys.IMAGE].shape[0] for b in batches] == [3, 1]
 
 
 def test_missing_files_are_reported(demo_data, tmp_path):
@@ -235,5 +235,5 @@ def test_unlabelled_records_give_image_only_samples(demo_data):
                      decode_groundtruth_label=False)
   sample = next(iter(input_pipeline.create_dataset(options,
                                                    is_training=False)))
-  assert set(sample) == {sg.IMAGE, sg.RESIZED_IMAGE, sg.IMAGE_NAME,
-                         sg.GT_SIZE_RAW}
+  assert set(sample) == {keys.IMAGE, keys.RESIZED_IMAGE, keys.IMAGE_NAME,
+                         keys.GT_SIZE_RAW}

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from deeplab_kmax import config as config_lib
+from deeplab_kmax import keys
 from deeplab_kmax.data import dataset_info
 from deeplab_kmax.data import input_pipeline
 from deeplab_kmax.data import sample_generator as sg
@@ -37,29 +38,29 @@ def test_targets_of_a_handmade_label():
       'height': tf.constant(10), 'width': tf.constant(12),
       'label': tf.constant(label[..., None], tf.int32)})
   get = lambda key: sample[key].numpy()
-  np.testing.assert_array_equal(get(sg.GT_SEMANTIC), label // _DIV)
-  np.testing.assert_array_equal(get(sg.GT_PANOPTIC), label)
+  np.testing.assert_array_equal(get(keys.GT_SEMANTIC), label // _DIV)
+  np.testing.assert_array_equal(get(keys.GT_PANOPTIC), label)
   crowd = np.zeros(label.shape, bool)
   crowd[8:10, 8:12] = True
-  np.testing.assert_array_equal(get(sg.GT_IS_CROWD), crowd)
+  np.testing.assert_array_equal(get(keys.GT_IS_CROWD), crowd)
   # Thing ids in raster order of first appearance: cup, ball 1, ball 2.
   expected_ids = np.full(label.shape, -1)
   expected_ids[label == 2 * _DIV + 5] = 0
   expected_ids[label == 1 * _DIV + 1] = 1
   expected_ids[label == 1 * _DIV + 2] = 2
-  np.testing.assert_array_equal(get(sg.GT_THING_ID_MASK), expected_ids)
-  np.testing.assert_array_equal(get(sg.GT_THING_ID_CLASS), [2, 1, 1, -1])
+  np.testing.assert_array_equal(get(keys.GT_THING_ID_MASK), expected_ids)
+  np.testing.assert_array_equal(get(keys.GT_THING_ID_CLASS), [2, 1, 1, -1])
   # Small instances (6 px cup, 1 px ball) get the larger weight.
   weight = np.ones(label.shape)
   weight[(label == 2 * _DIV + 5) | (label == 1 * _DIV + 2)] = 3.0
-  np.testing.assert_array_equal(get(sg.SEMANTIC_LOSS_WEIGHT), weight)
-  np.testing.assert_array_equal(get(sg.CENTER_LOSS_WEIGHT),
+  np.testing.assert_array_equal(get(keys.SEMANTIC_LOSS_WEIGHT), weight)
+  np.testing.assert_array_equal(get(keys.CENTER_LOSS_WEIGHT),
                                 (label // _DIV != 0) & ~crowd)
-  np.testing.assert_array_equal(get(sg.REGRESSION_LOSS_WEIGHT),
+  np.testing.assert_array_equal(get(keys.REGRESSION_LOSS_WEIGHT),
                                 np.isin(label // _DIV, [1, 2]) & ~crowd)
   # Offsets point at the rounded mean of each instance; heatmap peaks there.
-  offsets = get(sg.GT_INSTANCE_REGRESSION)
-  heat = get(sg.GT_INSTANCE_CENTER)
+  offsets = get(keys.GT_INSTANCE_REGRESSION)
+  heat = get(keys.GT_INSTANCE_CENTER)
   ys, xs = np.nonzero(label == 1 * _DIV + 1)
   cy, cx = int(round(ys.mean())), int(round(xs.mean()))
   np.testing.assert_array_equal(offsets[ys, xs, 0], cy - ys)
@@ -68,8 +69,8 @@ def test_targets_of_a_handmade_label():
   assert np.isclose(heat[cy, cx + 3], np.exp(-9 / 128))
   assert (offsets[label // _DIV == 3] == 0).all()
   # Evaluation extras.
-  np.testing.assert_array_equal(get(sg.GT_SIZE_RAW), [10, 12])
-  np.testing.assert_array_equal(get(sg.GT_IS_CROWD_RAW), crowd)
+  np.testing.assert_array_equal(get(keys.GT_SIZE_RAW), [10, 12])
+  np.testing.assert_array_equal(get(keys.GT_IS_CROWD_RAW), crowd)
 
 
 def test_too_many_things_for_max_thing_id():

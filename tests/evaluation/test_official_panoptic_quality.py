@@ -17,12 +17,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from deeplab_kmax.data import coco_panoptic
 from deeplab_kmax.data import demo_dataset
 from deeplab_kmax.data import panoptic_conversion
 from deeplab_kmax.evaluation import official_panoptic_quality
 from deeplab_kmax.evaluation import panoptic_quality
 from deeplab_kmax.evaluation import prediction_writer
-from deeplab_kmax import predict
 
 official_script = pytest.importorskip(
     'cityscapesscripts.evaluation.evalPanopticSemanticLabeling',
@@ -57,7 +57,7 @@ def _write_ground_truth(folder, images: Sequence[GroundTruth]):
   os.makedirs(png_folder)
   annotations = []
   for index, (segment_ids, segments) in enumerate(images):
-    Image.fromarray(predict.encode_segment_ids(segment_ids)).save(
+    Image.fromarray(coco_panoptic.encode_segment_ids(segment_ids)).save(
         os.path.join(png_folder, _stem(index) + '.png'))
     annotations.append({'image_id': index + 1,
                         'file_name': _stem(index) + '.png',
@@ -65,7 +65,7 @@ def _write_ground_truth(folder, images: Sequence[GroundTruth]):
   json_path = os.path.join(folder, 'gt.json')
   with open(json_path, 'w') as f:
     json.dump({'annotations': annotations,
-               'categories': predict.categories(_INFO)}, f)
+               'categories': coco_panoptic.categories(_INFO)}, f)
   return json_path, png_folder
 
 
@@ -79,7 +79,7 @@ def _write_predictions(folder, predictions: Sequence[np.ndarray]):
     writer.update({'panoptic_pred': panoptic,
                    'image_name': np.array(_stem(index).encode(), object)})
   writer.result()
-  return (os.path.join(out, prediction_writer.PREDICTIONS_FILE),
+  return (os.path.join(out, coco_panoptic.PREDICTIONS_FILE),
           os.path.join(out, 'panoptic'))
 
 

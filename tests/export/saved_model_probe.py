@@ -22,7 +22,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
 
-from deeplab_kmax.export import rest_api  # pylint: disable=g-import-not-at-top,wrong-import-position
+from deeplab_kmax.testing import rest_server  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _error_of(call):
@@ -74,7 +74,7 @@ def main(saved_model_dir, image_path, requests_path, out_dir):
   if requests_path:
     with open(requests_path) as f:
       requests = json.load(f)
-    results['rest'] = [rest_api.handle_predict(signatures, r)
+    results['rest'] = [rest_server.handle_predict(signatures, r)
                        for r in requests]
   np.savez(os.path.join(out_dir, 'arrays.npz'), **arrays)
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:

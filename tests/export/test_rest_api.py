@@ -16,8 +16,9 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax import keys
 from deeplab_kmax.export import rest_api
-from deeplab_kmax.export import serving
+from deeplab_kmax.testing import rest_server
 
 
 @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint8,
@@ -42,16 +43,16 @@ def _encoded_fn(image_bytes):
 
 
 SIGNATURES = {
-    serving.SIGNATURE_IMAGE: _image_fn.get_concrete_function(),
-    serving.SIGNATURE_BATCH: _batch_fn.get_concrete_function(),
-    serving.SIGNATURE_ENCODED: _encoded_fn.get_concrete_function(),
+    keys.SIGNATURE_IMAGE: _image_fn.get_concrete_function(),
+    keys.SIGNATURE_BATCH: _batch_fn.get_concrete_function(),
+    keys.SIGNATURE_ENCODED: _encoded_fn.get_concrete_function(),
 }
 IMAGE = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
 
 
 def test_columnar_request_and_response():
-  status, body = rest_api.handle_predict(SIGNATURES,
-                                         rest_api.image_request(IMAGE))
+  status, body = rest_server.handle_predict(SIGNATURES,
+                                            rest_api.image_request(IMAGE))
   assert status == 200
   assert body['outputs']['panoptic_pred'] == IMAGE.astype(int).sum(-1).tolist()
   arrays = rest_api.response_arrays(body)
@@ -64,15 +65,15 @@ def test_columnar_request_and_response():
 
 
 def test_unnamed_columnar_input_is_accepted():
-  status, body = rest_api.handle_predict(
+  status, body = rest_server.handle_predict(
       SIGNATURES, {'inputs': IMAGE.tolist()})
   assert status == 200 and 'outputs' in body
 
 
 def test_row_request_returns_one_prediction_per_image():
   images = np.stack([IMAGE, IMAGE[::-1]])
-  status, body = rest_api.handle_predict(SIGNATURES,
-                                         rest_api.batch_request(images))
+  status, body = rest_server.handle_predict(SIGNATURES,
+                                            rest_api.batch_request(images))
   assert status == 200
   assert [p['panoptic_pred'] for p in body['predictions']] == (
       images.astype(int).sum(-1).tolist())
@@ -84,7 +85,7 @@ def test_b64_encoded_image():
   request = rest_api.encoded_request(buffer.getvalue())
   assert request['inputs']['image_bytes']['b64'] == base64.b64encode(
       buffer.getvalue()).decode('ascii')
-  status, body = rest_api.handle_predict(SIGNATURES, request)
+  status, body = rest_server.handle_predict(SIGNATURES, request)
   assert status == 200
   assert body['outputs']['panoptic_pred'] == IMAGE.astype(int).sum(-1).tolist()
 
@@ -98,7 +99,7 @@ def test_b64_encoded_image():
     ({'inputs': {'image': [1, 2, 3]}}, 'shape'),
 ])
 def test_bad_requests_get_400_with_a_message(body, message):
-  status, reply = rest_api.handle_predict(SIGNATURES, body)
+  status, reply = rest_server.handle_predict(SIGNATURES, body)
   assert status == 400
   assert re.search(message, reply['error']), reply['error']
 
@@ -118,7 +119,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.send_error(404)
       return
     length = int(self.headers['Content-Length'])
-    status, body = rest_api.handle_predict(
+    status, body = rest_server.handle_predict(
         SIGNATURES, json.loads(self.rfile.read(length)))
     data = json.dumps(body).encode()
     self.send_response(status)

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax import checkpoint_io
+from deeplab_kmax import keys
 from deeplab_kmax.export import model_loading
 from deeplab_kmax.export import rest_api
 from deeplab_kmax.export import saved_model
@@ -26,9 +28,9 @@ pytestmark = pytest.mark.slow
 
 DOCS = helpers.REPO / 'docs' / 'serving.md'
 REGENERATE_ENV = 'DEEPLAB_KMAX_REGENERATE_DOCS'
-_ID_KEYS = (serving.PANOPTIC_PRED, serving.SEMANTIC_PRED,
-            serving.INSTANCE_PRED)
-_SCORE_KEYS = (serving.INSTANCE_SCORES, serving.SEMANTIC_SCORES)
+_ID_KEYS = (keys.PANOPTIC_PRED, keys.SEMANTIC_PRED,
+            keys.INSTANCE_PRED)
+_SCORE_KEYS = (keys.INSTANCE_SCORES, keys.SEMANTIC_SCORES)
 
 
 @pytest.fixture(scope='module')
@@ -40,9 +42,9 @@ def bundle():
 def keras_maps(bundle):
   maps = bundle.keras_maps
   # The comparison is only meaningful if the maps have structure.
-  panoptic = maps[serving.PANOPTIC_PRED]
+  panoptic = maps[keys.PANOPTIC_PRED]
   assert len(np.unique(panoptic)) >= 3 and (panoptic == 0).any()
-  assert len(np.unique(maps[serving.SEMANTIC_PRED])) >= 3
+  assert len(np.unique(maps[keys.SEMANTIC_PRED])) >= 3
   return maps
 
 
@@ -117,13 +119,13 @@ def test_saved_model_cli_run_matches_keras(bundle, keras_maps):
 def test_fresh_process_load_matches_keras(probed, keras_maps):
   arrays, results = probed
   assert results['signatures'] == sorted(
-      [serving.SIGNATURE_IMAGE, serving.SIGNATURE_BATCH,
-       serving.SIGNATURE_ENCODED])
+      [keys.SIGNATURE_IMAGE, keys.SIGNATURE_BATCH,
+       keys.SIGNATURE_ENCODED])
   default = {k: arrays[f'default/{k}'] for k in serving.OUTPUT_KEYS}
   _assert_maps_equal(default, keras_maps, 'tf.saved_model.load')
-  assert default[serving.PANOPTIC_PRED].shape == (65, 97)
-  assert default[serving.PANOPTIC_PRED].dtype == np.int32
-  probs = default[serving.SEMANTIC_PROBS]
+  assert default[keys.PANOPTIC_PRED].shape == (65, 97)
+  assert default[keys.PANOPTIC_PRED].dtype == np.int32
+  probs = default[keys.SEMANTIC_PROBS]
   assert probs.dtype == np.float32 and 0 <= probs.min() and probs.max() <= 1
 
 
@@ -143,7 +145,7 @@ def test_batch_and_encoded_signatures_agree(probed):
     else:
       np.testing.assert_array_equal(arrays[f'encoded/{key}'],
                                     arrays[f'default/{key}'], err_msg=key)
-  assert arrays[f'batch/{serving.PANOPTIC_PRED}'].shape == (2, 65, 97)
+  assert arrays[f'batch/{keys.PANOPTIC_PRED}'].shape == (2, 65, 97)
   # serving_encoded converts a grayscale file to RGB.
   np.testing.assert_array_equal(arrays['encoded_gray/panoptic_pred'],
                                 arrays['gray_as_rgb/panoptic_pred'])
@@ -281,8 +283,8 @@ def test_export_keeps_an_existing_output_path(bundle, tmp_path):
 
 def test_trainer_checkpoints_restore_and_partial_ones_are_refused(bundle,
                                                                   tmp_path):
-  model = bundle.model
-  items = model.checkpoint_items
+  items = bundle.model.checkpoint_items
+  strict = checkpoint_io.RestoreMode.strict_inference()
   step = tf.Variable(7, dtype=tf.int64)
   # The trainer's layout: model items at the top level, plus its own state.
   trainer_ckpt = tf.train.CheckpointManager(
@@ -292,7 +294,8 @@ def test_trainer_checkpoints_restore_and_partial_ones_are_refused(bundle,
   kept = variable.numpy()
   try:
     variable.assign(tf.zeros_like(variable))
-    report = model_loading.restore_all_weights(model, str(tmp_path / 'train'))
+    report = checkpoint_io.restore_model(items, str(tmp_path / 'train'),
+                                         strict)
     assert not report.missing and trainer_ckpt
     np.testing.assert_array_equal(variable.numpy(), kept)
 
@@ -300,9 +303,9 @@ def test_trainer_checkpoints_restore_and_partial_ones_are_refused(bundle,
         str(tmp_path / 'encoder_only' / 'ckpt'))
     with pytest.raises(model_loading.IncompleteCheckpointError,
                        match='pixel_decoder'):
-      model_loading.restore_all_weights(model, partial)
+      checkpoint_io.restore_model(items, partial, strict)
     with pytest.raises(FileNotFoundError):
-      model_loading.restore_all_weights(model, str(tmp_path / 'nothing'))
+      checkpoint_io.restore_model(items, str(tmp_path / 'nothing'), strict)
   finally:
     variable.assign(kept)
 

@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 
 from deeplab_kmax import config as config_lib
+from deeplab_kmax import keys
 from deeplab_kmax import model as model_lib
 from deeplab_kmax import predict
 from deeplab_kmax.data import demo_dataset
-from deeplab_kmax.export import numpy_pipeline
 from deeplab_kmax.export import serving
 from deeplab_kmax.export import tflite_export
 from tests.export import helpers
@@ -26,7 +26,7 @@ CONFIG = 'demo/kmax_demo'
 # demo images then have 4 to 9 segments each).
 OVERRIDES = ('evaluator_options.thing_area_limit=0',
              'evaluator_options.stuff_area_limit=0')
-ID_MAPS = (serving.PANOPTIC_PRED, serving.SEMANTIC_PRED, serving.INSTANCE_PRED)
+ID_MAPS = (keys.PANOPTIC_PRED, keys.SEMANTIC_PRED, keys.INSTANCE_PRED)
 # Three validation scenes of the demo dataset.
 IMAGES = tuple(demo_dataset.render_scene((0, 500_000, i))[0]
                for i in range(3))
@@ -69,7 +69,7 @@ def _padded(image):
   _, _, module = _demo()
   spec = serving.EvalPreprocessing.from_json_dict(
       module.metadata['preprocessing'])
-  return numpy_pipeline.preprocess(image[None], spec)[0]
+  return spec(tf.constant(image[None]))[0].numpy()
 
 
 def _keras_maps(padded):
@@ -97,15 +97,15 @@ def test_float32_model_gives_the_keras_maps(workdir):
     padded = _padded(image)
     ours = runner.run_crop(padded)
     expected = _keras_maps(padded)
-    assert _num_segments(expected[serving.PANOPTIC_PRED][0], info) >= 4
+    assert _num_segments(expected[keys.PANOPTIC_PRED][0], info) >= 4
     for key in ID_MAPS:
       np.testing.assert_array_equal(ours[key], expected[key],
                                     err_msg=f'{key}, image {index}')
-    for key in (serving.INSTANCE_SCORES, serving.SEMANTIC_SCORES):
+    for key in (keys.INSTANCE_SCORES, keys.SEMANTIC_SCORES):
       # Float rounding of the deep network: measured up to 2.1e-4.
       np.testing.assert_allclose(ours[key], expected[key], atol=1e-3,
                                  err_msg=f'{key}, image {index}')
-    assert ours[serving.SEMANTIC_PROBS].shape == (1, 129, 129)
+    assert ours[keys.SEMANTIC_PROBS].shape == (1, 129, 129)
 
 
 @pytest.mark.slow
@@ -135,8 +135,8 @@ def test_quantized_models_keep_the_panoptic_map(workdir, quantization):
   agreements = []
   for image in IMAGES:
     padded = _padded(image)
-    ours = runner.run_crop(padded)[serving.PANOPTIC_PRED]
-    expected = _keras_maps(padded)[serving.PANOPTIC_PRED]
+    ours = runner.run_crop(padded)[keys.PANOPTIC_PRED]
+    expected = _keras_maps(padded)[keys.PANOPTIC_PRED]
     agreements.append(float(np.mean(ours == expected)))
   least, mean = MIN_AGREEMENT[quantization]
   assert min(agreements) >= least and np.mean(agreements) >= mean, (

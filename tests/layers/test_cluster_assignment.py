@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax import keys
 from deeplab_kmax.layers import cluster_assignment as ca
 from deeplab_kmax.layers import kmeans_cross_attention as kca
 from tests.layers import test_kmeans_cross_attention as kca_test
@@ -123,7 +124,7 @@ def test_spatial_softmax_block_ignores_the_assignment_logits():
   logits = _logits(8, (1, HEIGHT, WIDTH, CENTERS))
   layer, stub, pixels, centers = _stub_layer(ca.SPATIAL_SOFTMAX, logits)
   base, predictions = layer(pixels, centers)
-  assert predictions[kca.MASK_LOGITS_KEY].shape == (1, HEIGHT, WIDTH, CENTERS)
+  assert predictions[keys.PIXEL_SPACE_MASK_LOGITS].shape == (1, HEIGHT, WIDTH, CENTERS)
   stub.logits = tf.constant(_logits(9, (1, HEIGHT, WIDTH, CENTERS)))
   same, _ = layer(pixels, centers)
   # Exact on purpose: the same layer, weights and inputs in one process run
@@ -213,8 +214,8 @@ def test_default_is_cluster_argmax_and_identical():
   # Exact on purpose: two layers with the same weights and code path run
   # the same kernels on the same inputs in one process.
   np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(aux_a[kca.MASK_LOGITS_KEY],
-                                aux_b[kca.MASK_LOGITS_KEY])
+  np.testing.assert_array_equal(aux_a[keys.PIXEL_SPACE_MASK_LOGITS],
+                                aux_b[keys.PIXEL_SPACE_MASK_LOGITS])
 
 
 def test_unknown_interaction_is_rejected():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax import keys
 from deeplab_kmax.layers import clusterformer
-from deeplab_kmax.layers import kmeans_cross_attention as kca
 from tests.layers import test_kmeans_cross_attention as kca_test
 
 SMALL = kca_test.SMALL
@@ -97,7 +97,7 @@ def test_dispatching_refines_pixels_and_receives_gradients():
     loss = tf.reduce_sum(refined ** 2)
   assert refined.shape == (2, HEIGHT, WIDTH, PIXEL_CHANNELS)
   assert new_centers.shape == centers.shape
-  assert aux[kca.MASK_LOGITS_KEY].shape == (2, HEIGHT, WIDTH, CENTERS)
+  assert aux[keys.PIXEL_SPACE_MASK_LOGITS].shape == (2, HEIGHT, WIDTH, CENTERS)
   assert float(tf.reduce_max(tf.abs(refined - pixels))) > 1e-3
   variables = {v.name: v for v in layer.trainable_variables}
   grads = dict(zip(variables, tape.gradient(loss,

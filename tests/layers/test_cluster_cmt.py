@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax import keys
 from deeplab_kmax.layers import cluster_assignment as ca
 from deeplab_kmax.layers import cmt_clustering
-from deeplab_kmax.layers import kmeans_cross_attention as kca
 from tests.layers import test_kmeans_cross_attention as kca_test
 
 SMALL = kca_test.SMALL
@@ -88,7 +88,7 @@ def test_fresh_coordinate_kernel_is_zero_and_receives_gradient():
   with tf.GradientTape() as tape:
     new_centers, aux = layer(pixels, centers, training=True)
     loss = tf.reduce_sum(new_centers ** 2) + tf.reduce_sum(
-        aux[kca.MASK_LOGITS_KEY] ** 2)
+        aux[keys.PIXEL_SPACE_MASK_LOGITS] ** 2)
   grad = tape.gradient(loss, kernel)
   assert grad is not None and float(tf.reduce_max(tf.abs(grad))) > 0
 

@@ -9,6 +9,7 @@ import tensorflow as tf
 import tf_keras
 
 from deeplab_kmax import heads
+from deeplab_kmax import keys
 from deeplab_kmax.layers import attention
 from deeplab_kmax.layers import kmeans_cross_attention as kca
 from deeplab_kmax.testing import reference
@@ -33,7 +34,7 @@ class _FixedLogits(tf_keras.layers.Layer):
     self.logits = None
 
   def call(self, unused_features, training=None):
-    return {kca.MASK_LOGITS_KEY: self.logits}
+    return {keys.PIXEL_SPACE_MASK_LOGITS: self.logits}
 
 
 def _randomise(layer) -> None:

@@ -1,54 +1,11 @@
-"""Tests for align-corners resizing and the ResizedFuse skip connection."""
+"""Tests for the ResizedFuse skip connection (its resize: tests/ops)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from deeplab_kmax.layers import resized_fuse
-
-
-def naive_resize(x: np.ndarray, size) -> np.ndarray:
-  """Bilinear interpolation with aligned corners, in float64."""
-  def coords(n_in, n_out):
-    if n_out == 1:
-      return np.zeros(1)
-    return np.arange(n_out) * (n_in - 1) / (n_out - 1)
-  out = x.astype(np.float64)
-  for axis, n_out in ((1, size[0]), (2, size[1])):
-    pos = coords(out.shape[axis], n_out)
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, out.shape[axis] - 1)
-    frac = (pos - lo).reshape([-1 if a == axis else 1 for a in range(4)])
-    out = (np.take(out, lo, axis) * (1 - frac) + np.take(out, hi, axis) * frac)
-  return out
-
-
-@pytest.mark.parametrize('channels', [3, 32, 33])
-def test_resize_matches_align_corners_bilinear(channels):
-  x = np.random.default_rng(channels).standard_normal(
-      (2, 5, 9, channels)).astype(np.float32)
-  got = resized_fuse.resize_align_corners(x, [9, 17]).numpy()
-  np.testing.assert_allclose(got, naive_resize(x, (9, 17)), atol=1e-5)
-  joint = tf.compat.v1.image.resize_bilinear(x, [9, 17], align_corners=True)
-  # Bit-equality is the point (the same op sequence as DeepLab2). It holds on
-  # any CPU: the same kernel on the same input, computed per output pixel
-  # with no reduction whose order could vary.
-  if channels > 32:  # one joint pass, as DeepLab2
-    np.testing.assert_array_equal(got, joint.numpy())
-  else:  # height pass then width pass, as DeepLab2
-    height_first = tf.compat.v1.image.resize_bilinear(
-        tf.compat.v1.image.resize_bilinear(x, [9, 9], align_corners=True),
-        [9, 17], align_corners=True)
-    np.testing.assert_array_equal(got, height_first.numpy())
-
-
-def test_resize_to_same_size_is_a_no_op():
-  x = tf.random.stateless_normal([1, 4, 6, 40], seed=[0, 1])
-  assert resized_fuse.resize_align_corners(x, [4, 6]) is x
-  # With a run-time size the resize runs, and is exact.
-  np.testing.assert_array_equal(
-      resized_fuse.resize_align_corners(x, tf.constant([4, 6])).numpy(),
-      x.numpy())
+from deeplab_kmax.ops import resize
 
 
 def test_fuse_projects_mismatched_inputs_and_sums_without_activation():
@@ -61,7 +18,7 @@ def test_fuse_projects_mismatched_inputs_and_sums_without_activation():
   assert not hasattr(fuse, '_resized_conv_bn2')  # width already matches
   gelu = tf.nn.gelu
   expected = (
-      resized_fuse.resize_align_corners(
+      resize.bilinear_two_pass_if_narrow(
           fuse._resized_conv_bn1(gelu(low, approximate=False)), [5, 7])
       + same + fuse._resized_conv_bn3(gelu(high, approximate=False)))
   np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=1e-6)

@@ -7,10 +7,14 @@ import dataclasses
 import numpy as np
 from scipy import optimize
 
+from deeplab_kmax.data import label_space
+
 IGNORE_LABEL = 0
 THING_IDS = [1, 2, 3, 4, 5, 6]
 STUFF_IDS = [7, 8, 9, 10]
 NUM_CLASSES = 11  # Void (0) + 10 classes; class logits have 10 + 1 channels.
+LABEL_SPACE = label_space.LabelSpace(NUM_CLASSES, IGNORE_LABEL, 256,
+                                     THING_IDS)
 
 
 @dataclasses.dataclass

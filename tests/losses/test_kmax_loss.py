@@ -1,16 +1,17 @@
 """KMaXLoss against DeepLab2's goldens, a numpy reference, and in TF modes."""
 
 import json
-import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax import config as config_lib
+from deeplab_kmax.data import dataset_info as dataset_info_lib
+from deeplab_kmax.data import label_space
 from deeplab_kmax.losses import kmax_loss
 from tests.losses import synthetic_case
 
-COCO_THINGS = list(range(1, 81))
 
 
 def _golden(reference_dir, name):
@@ -44,7 +45,8 @@ _FACT_FOR_ARGUMENT = {
 
 def _coco_loss(facts, **kwargs):
   options = {arg: facts[fact] for arg, fact in _FACT_FOR_ARGUMENT.items()}
-  return kmax_loss.KMaXLoss(134, 0, COCO_THINGS, **options, **kwargs)
+  return kmax_loss.KMaXLoss(dataset_info_lib.COCO_PANOPTIC.label_space,
+                            **options, **kwargs)
 
 
 def _tensors(tree):
@@ -115,8 +117,7 @@ def test_matches_numpy_reference(num_slots):
   case = synthetic_case.make_case(seed=7, batch=2, num_slots=num_slots)
   out_pixels = case.y_pred['pixel_space_mask_logits'].shape[1] ** 2
   loss = kmax_loss.KMaXLoss(
-      synthetic_case.NUM_CLASSES, synthetic_case.IGNORE_LABEL,
-      synthetic_case.THING_IDS, instance_discrimination_sample_k=out_pixels,
+      synthetic_case.LABEL_SPACE, instance_discrimination_sample_k=out_pixels,
       matcher='exact')
   losses = loss(_tensors(case.y_true), _tensors(case.y_pred))
   expected = synthetic_case.reference_losses(case)
@@ -127,6 +128,40 @@ def test_matches_numpy_reference(num_slots):
                              sum(expected.values()), rtol=2e-5)
 
 
+def test_void_after_the_classes_gives_the_same_losses():
+  """ignore_label == num_classes (void outside the ids) is the same dataset
+  as void 0 with every id shifted down by one: same class-head width, same
+  losses."""
+  case = synthetic_case.make_case(seed=2)
+  out_pixels = case.y_pred['pixel_space_mask_logits'].shape[1] ** 2
+  # No probability on the void channel, so dropping it keeps the softmax.
+  case.y_pred['semantic_logits'][..., 0] = -1e9
+  void = synthetic_case.NUM_CLASSES - 1  # Classes 1..10 become 0..9.
+  shifted_space = label_space.LabelSpace(
+      void, void, 256, [c - 1 for c in synthetic_case.THING_IDS])
+  assert (shifted_space.class_head_outputs ==
+          synthetic_case.LABEL_SPACE.class_head_outputs)
+  semantic = case.y_true['semantic_gt']
+  thing_class = case.y_true['thing_id_class_gt']
+  shifted_true = dict(
+      case.y_true,
+      semantic_gt=np.where(semantic == synthetic_case.IGNORE_LABEL, void,
+                           semantic - 1).astype(np.int32),
+      thing_id_class_gt=np.where(thing_class >= 0, thing_class - 1,
+                                 -1).astype(np.int32))
+  shifted_pred = dict(case.y_pred,
+                      semantic_logits=case.y_pred['semantic_logits'][..., 1:])
+  options = dict(instance_discrimination_sample_k=out_pixels, matcher='exact')
+  expected = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE, **options)(
+      _tensors(case.y_true), _tensors(case.y_pred))
+  losses = kmax_loss.KMaXLoss(shifted_space, **options)(
+      _tensors(shifted_true), _tensors(shifted_pred))
+  assert set(losses) == set(expected)
+  for term, value in expected.items():
+    np.testing.assert_allclose(losses[term].numpy(), value.numpy(), rtol=1e-5,
+                               err_msg=term)
+
+
 @pytest.mark.parametrize('num_slots', [12, 24])
 def test_deeplab2_matcher_agrees_with_exact_on_distinct_costs(num_slots):
   # Costs here are far apart relative to float32 rounding, so both matchers
@@ -134,8 +169,8 @@ def test_deeplab2_matcher_agrees_with_exact_on_distinct_costs(num_slots):
   case = synthetic_case.make_case(seed=3, batch=2, num_slots=num_slots)
   y_true, y_pred = _tensors(case.y_true), _tensors(case.y_pred)
   common = dict(instance_discrimination_weight=None, semantic_weight=None)
-  dl2 = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS, **common)
-  exact = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS, matcher='exact',
+  dl2 = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE, **common)
+  exact = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE, matcher='exact',
                              **common)
   valid = dl2.mask_targets(y_true, y_pred).mask_valid.numpy()
   np.testing.assert_array_equal(
@@ -148,7 +183,7 @@ def test_auxiliary_outputs_reuse_the_main_matching():
   # An auxiliary output identical to the final one gets identical losses.
   case.y_pred['auxiliary_outputs_pred'][1] = {
       k: case.y_pred[k] for k in case.y_pred['auxiliary_outputs_pred'][0]}
-  loss = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS,
+  loss = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE,
                             auxiliary_output_number=2,
                             instance_discrimination_weight=None)
   losses = loss(_tensors(case.y_true), _tensors(case.y_pred))
@@ -168,7 +203,7 @@ def test_auxiliary_outputs_reuse_the_main_matching():
 def test_gradients_reach_every_prediction():
   case = synthetic_case.make_case(seed=11, num_aux=2)
   y_true, y_pred = _tensors(case.y_true), _tensors(case.y_pred)
-  loss = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS,
+  loss = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE,
                             auxiliary_output_number=2,
                             instance_discrimination_sample_k=32)
   flat_pred = tf.nest.flatten(y_pred)
@@ -195,7 +230,7 @@ def test_xla_and_distribute_agree_with_eager():
   case = synthetic_case.make_case(seed=2, batch=2, out_size=5, num_aux=1)
   y_true, y_pred = _tensors(case.y_true), _tensors(case.y_pred)
   # Every pixel is sampled, so only the summation order is random.
-  loss = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS,
+  loss = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE,
                             auxiliary_output_number=1,
                             instance_discrimination_sample_k=25)
   eager = loss(y_true, y_pred)
@@ -213,12 +248,12 @@ def test_more_valid_masks_than_slots():
   case = synthetic_case.make_case(seed=4, batch=1, num_slots=4, num_things=7)
   y_true, y_pred = _tensors(case.y_true), _tensors(case.y_pred)
   common = dict(instance_discrimination_weight=None, semantic_weight=None)
-  deeplab2 = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS, **common)
+  deeplab2 = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE, **common)
   assert deeplab2.mask_targets(y_true, y_pred).mask_valid.numpy().sum() > 4
-  fixed = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS,
+  fixed = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE,
                              exclude_unmatched_masks=True, **common)
   for matcher in ['deeplab2', 'exact']:
-    slots = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS,
+    slots = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE,
                                matcher=matcher).match(y_true, y_pred)
     slots = slots.slot_for_mask.numpy()
     assert sorted(slots[slots >= 0]) == [0, 1, 2, 3]
@@ -233,8 +268,8 @@ def test_semantic_sampling_of_every_pixel_matches_full_loss():
   y_true, y_pred = _tensors(case.y_true), _tensors(case.y_pred)
   common = dict(pq_style_weight=None, mask_id_cross_entropy_weight=None,
                 instance_discrimination_weight=None)
-  full = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS, **common)
-  sampled = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS,
+  full = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE, **common)
+  sampled = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE,
                                semantic_sample_k=81, **common)
   np.testing.assert_allclose(sampled(y_true, y_pred)['semantic_loss'],
                              full(y_true, y_pred)['semantic_loss'], rtol=1e-5)
@@ -243,7 +278,7 @@ def test_semantic_sampling_of_every_pixel_matches_full_loss():
 
 def test_original_instance_discrimination_without_sampling():
   case = synthetic_case.make_case(seed=9)
-  loss = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS,
+  loss = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE,
                             instance_discrimination_sample_k=0)
   value = loss(_tensors(case.y_true), _tensors(case.y_pred))[
       'instance_discrimination_loss'].numpy()
@@ -267,24 +302,18 @@ def test_original_instance_discrimination_without_sampling():
 
 
 def test_from_config_reads_deeplab2_fields():
-
-  class Options(types.SimpleNamespace):
-
-    def HasField(self, name):  # pylint: disable=invalid-name
-      return name in vars(self)
-
-  single = lambda weight, top_k=1.0: types.SimpleNamespace(
-      weight=weight, top_k_percent=top_k)
-  loss_options = Options(
-      semantic_loss=single(1.0), pq_style_loss=single(3.0),
-      mask_id_cross_entropy_loss=single(0.3, 0.5),
-      instance_discrimination_loss=single(1.0))
-  model_options = types.SimpleNamespace(max_deeplab=types.SimpleNamespace(
-      instance_discrimination_sample_k=4096,
-      instance_discrimination_sample_temperature=1.5,
-      semantic_sample_k=4096, semantic_sample_temperature=2.0))
-  dataset_info = types.SimpleNamespace(
-      num_classes=134, ignore_label=0, class_has_instances_list=COCO_THINGS)
+  config = config_lib.parse_config('''
+      trainer_options { loss_options {
+        semantic_loss { weight: 1.0 }  pq_style_loss { weight: 3.0 }
+        mask_id_cross_entropy_loss { weight: 0.3 top_k_percent: 0.5 }
+        instance_discrimination_loss { weight: 1.0 } } }
+      model_options { max_deeplab {
+        instance_discrimination_sample_k: 4096
+        instance_discrimination_sample_temperature: 1.5
+        semantic_sample_k: 4096 semantic_sample_temperature: 2.0 } }''')
+  loss_options = config.trainer_options.loss_options
+  model_options = config.model_options
+  dataset_info = dataset_info_lib.COCO_PANOPTIC
   loss = kmax_loss.KMaXLoss.from_config(loss_options, model_options,
                                         dataset_info,
                                         auxiliary_output_number=6)
@@ -298,7 +327,7 @@ def test_from_config_reads_deeplab2_fields():
   assert sampled._semantic_k == 4096
   assert sampled._semantic_k_temperature == 2.0
   # pylint: enable=protected-access
-  del loss_options.instance_discrimination_loss
+  loss_options.ClearField('instance_discrimination_loss')
   without = kmax_loss.KMaXLoss.from_config(loss_options, model_options,
                                            dataset_info)
   assert 'instance_discrimination_loss' not in without.loss_names
@@ -307,17 +336,19 @@ def test_from_config_reads_deeplab2_fields():
 def test_bad_inputs_raise_clear_errors():
   case = synthetic_case.make_case(seed=1, num_aux=1)
   y_true, y_pred = _tensors(case.y_true), _tensors(case.y_pred)
-  loss = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS,
+  loss = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE,
                             auxiliary_output_number=2)
   with pytest.raises(ValueError, match='Expected 2 auxiliary outputs'):
     loss(y_true, y_pred)
   with pytest.raises(KeyError, match='thing_id_mask_gt'):
     loss({'semantic_gt': y_true['semantic_gt']}, y_pred)
-  wrong_classes = kmax_loss.KMaXLoss(20, 0, synthetic_case.THING_IDS)
+  wrong_classes = kmax_loss.KMaXLoss(
+      label_space.LabelSpace(20, 0, 256, synthetic_case.THING_IDS))
   with pytest.raises(ValueError, match='transformer_class_logits'):
     wrong_classes(y_true, y_pred)
   with pytest.raises(ValueError, match='matcher'):
-    kmax_loss.KMaXLoss(11, 0, [1], matcher='greedy')
+    kmax_loss.KMaXLoss(label_space.LabelSpace(11, 0, 256, [1]),
+                       matcher='greedy')
 
 
 def test_from_deeplab2_textproto_reproduces_golden(reference_dir):
@@ -325,8 +356,7 @@ def test_from_deeplab2_textproto_reproduces_golden(reference_dir):
   config = loader.load_config(
       reference_dir / 'deeplab2_configs' / 'coco_kmax_meta_r50_os32.textproto')
   arrays, info, y_true, y_pred = _golden(reference_dir, 'loss_case_aux')
-  dataset_info = types.SimpleNamespace(
-      num_classes=134, ignore_label=0, class_has_instances_list=COCO_THINGS)
+  dataset_info = dataset_info_lib.COCO_PANOPTIC
   # The golden overrides sample_k to 256 (= 16 x 16) so every pixel is used.
   loss = kmax_loss.KMaXLoss.from_config(
       config.trainer_options.loss_options, config.model_options, dataset_info,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax.data import label_space
 from deeplab_kmax.losses import kmax_loss
 from deeplab_kmax.losses import mask_targets
 from deeplab_kmax.losses import reduction
@@ -45,18 +46,19 @@ def test_gumbel_top_k_draws_distinct_indices_and_skips_excluded():
 
 def test_stuff_class_ids():
   # COCO: void 0 and 133 classes; Cityscapes: 19 classes and ignore 255.
-  assert mask_targets.stuff_class_ids(133, range(1, 81), 0) == list(
-      range(81, 134))
-  assert mask_targets.stuff_class_ids(19, range(11, 19), 255) == list(
-      range(11))
+  assert label_space.LabelSpace(134, 0, 256, range(1, 81)).stuff_class_ids == (
+      tuple(range(81, 134)))
+  assert label_space.LabelSpace(
+      19, 255, 1000, range(11, 19)).stuff_class_ids == tuple(range(11))
 
 
 def test_mask_targets_layout():
   case = synthetic_case.make_case(seed=0, batch=1)
   targets = mask_targets.build_mask_targets(
       case.y_true['semantic_gt'], case.y_true['thing_id_mask_gt'],
-      case.y_true['thing_id_class_gt'], [9, 9], synthetic_case.THING_IDS,
-      synthetic_case.STUFF_IDS, synthetic_case.IGNORE_LABEL)
+      case.y_true['thing_id_class_gt'], [9, 9], synthetic_case.LABEL_SPACE)
+  assert synthetic_case.LABEL_SPACE.stuff_class_ids == tuple(
+      synthetic_case.STUFF_IDS)
   sem = case.y_true['semantic_gt'][0, ::4, ::4].ravel()
   tid = case.y_true['thing_id_mask_gt'][0, ::4, ::4].ravel()
   assert targets.pixel_masks.shape == [1, 81, 16 + 4]
@@ -81,7 +83,7 @@ def test_mask_targets_layout():
 
 def test_loss_with_dynamic_batch_size():
   case = synthetic_case.make_case(seed=6)
-  loss = kmax_loss.KMaXLoss(11, 0, synthetic_case.THING_IDS,
+  loss = kmax_loss.KMaXLoss(synthetic_case.LABEL_SPACE,
                             instance_discrimination_sample_k=81)
   spec = tf.nest.map_structure(
       lambda a: tf.TensorSpec([None] + list(a.shape[1:]), a.dtype),

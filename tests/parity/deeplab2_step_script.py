@@ -4,10 +4,11 @@
   python tests/parity/deeplab2_step_script.py CONFIG BATCH_NPZ MODEL_DIR
 
 CONFIG is a DeepLab2 textproto (mode `train`; its initial_checkpoint names
-the starting weights), BATCH_NPZ the arrays of one training batch. The only
-change to DeepLab2 is its dataset factory, which here yields BATCH_NPZ over
-and over instead of reading TFRecords: model, loss, optimizers, schedule,
-backbone split, Orbit loop and checkpoint manager are DeepLab2's
+the starting weights), BATCH_NPZ the arrays of one training batch. The changes to
+DeepLab2: its dataset factory yields BATCH_NPZ over and over instead of
+reading TFRecords, and its two random layers are switched off
+(deeplab2_determinism.py); the rest -- model, loss, optimizers, schedule,
+backbone split, Orbit loop and checkpoint manager -- is DeepLab2's
 `train_lib.run_experiment`. Its checkpoints and summaries land in MODEL_DIR
 for test_train_step_parity.py to compare with this project's.
 """
@@ -22,6 +23,7 @@ import tensorflow as tf
 from deeplab2 import config_pb2
 from deeplab2.trainer import runner_utils
 from deeplab2.trainer import train_lib
+import deeplab2_determinism  # Beside this script.
 
 
 def fixed_dataset_factory(batch: Dict[str, np.ndarray]):
@@ -32,15 +34,6 @@ def fixed_dataset_factory(batch: Dict[str, np.ndarray]):
     return tf.data.Dataset.from_tensors(tensors).repeat()
 
   return create_dataset
-
-
-def disable_dropout() -> None:
-  """Makes Keras Dropout (only the ASPP's, in kMaX) the identity.
-
-  Its Bernoulli masks cannot be matched across two code bases; the test
-  turns it off on both sides in the same way.
-  """
-  tf.keras.layers.Dropout.call = lambda self, inputs, training=None: inputs
 
 
 def main() -> None:
@@ -55,7 +48,7 @@ def main() -> None:
   with np.load(args.batch) as arrays:
     batch = {name: arrays[name] for name in arrays.files}
   runner_utils.create_dataset = fixed_dataset_factory(batch)
-  disable_dropout()
+  deeplab2_determinism.remove_randomness()
   train_lib.run_experiment('train', config, args.model_dir, tpu=None,
                            num_gpus=0)
 

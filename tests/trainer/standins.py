@@ -51,6 +51,10 @@ class TinySegmenter(tf_keras.Model):
     return dict(encoder=self._encoder, semantic_head_without_last_layer=self._head,
                 semantic_last_layer=self._last)
 
+  @property
+  def backbone_variables(self):
+    return self._encoder.trainable_variables
+
 
 class PixelCrossEntropy:
   """Per-example mean pixel cross-entropy against `semantic_gt`."""
@@ -151,9 +155,9 @@ def dataset(options, is_training, input_context=None, nan_after=None):
 
 
 def builders(nan_after=None):
-  """train_lib.Builders with the stand-ins."""
-  from deeplab_kmax.trainer import train_lib  # pylint: disable=g-import-not-at-top
-  return train_lib.Builders(
+  """kmax_task.Builders with the stand-ins."""
+  from deeplab_kmax.trainer import kmax_task  # pylint: disable=g-import-not-at-top
+  return kmax_task.Builders(
       model=lambda config, info, crop_size: TinySegmenter(),
       loss=lambda config, info, model: PixelCrossEntropy(),
       dataset=lambda options, is_training, input_context=None: dataset(

@@ -5,11 +5,12 @@ import orbit
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax import checkpoint_io
 from deeplab_kmax import config as config_lib
 from deeplab_kmax.trainer import checkpoints
+from deeplab_kmax.trainer import kmax_task
 from deeplab_kmax.trainer import kmax_trainer
 from deeplab_kmax.trainer import optimizer as optimizer_lib
-from deeplab_kmax.trainer import train_lib
 from tests.trainer import standins
 
 _MANIFEST = 'coco_kmax_meta_r50_os32_trainer_checkpoint.tsv'
@@ -46,7 +47,7 @@ def test_real_model_trains_and_checkpoints_like_deeplab2(tmp_path,
       'trainer_options.solver_options.warmup_steps': 0,
       'trainer_options.solver_options.base_learning_rate': 1e-4,
   })
-  builders = train_lib.Builders()
+  builders = kmax_task.Builders()
   options = config.train_dataset_options
   info = builders.dataset_info(options)
   batch = next(iter(builders.dataset(options, True)))
@@ -60,8 +61,7 @@ def test_real_model_trains_and_checkpoints_like_deeplab2(tmp_path,
     trainer = kmax_trainer.KMaXTrainer(
         model, loss, tf.data.Dataset.from_tensors(batch).repeat(),
         optimizers.main, global_step, backbone_optimizer=optimizers.backbone,
-        backbone_variables=(
-            lambda: model.checkpoint_items['encoder'].trainable_variables),
+        backbone_variables=lambda: model.backbone_variables,
         strategy=strategy,
         # Eager: tracing the full model costs more than a few steps.
         options=orbit.StandardTrainerOptions(use_tf_function=False,
@@ -158,9 +158,11 @@ def test_initial_checkpoint_restore(tmp_path, restore_last_layer):
   target(standins.fixed_batch()['image'])
   before_last = [v.numpy() for v in
                  target.checkpoint_items['semantic_last_layer'].variables]
-  report = checkpoints.restore_initial_checkpoint(
-      path, target.checkpoint_items,
-      restore_semantic_last_layer=restore_last_layer)
+  report = checkpoint_io.restore_model(
+      target.checkpoint_items, path,
+      checkpoint_io.RestoreMode.fine_tune(
+          restore_semantic_last_layer=restore_last_layer,
+          restore_class_last_layer=True))
   for name in ('encoder', 'semantic_head_without_last_layer'):
     for a, b in zip(source.model.checkpoint_items[name].variables,
                     target.checkpoint_items[name].variables):
@@ -177,13 +179,49 @@ def test_initial_checkpoint_restore(tmp_path, restore_last_layer):
 def test_initial_checkpoint_errors(tmp_path):
   target = standins.TinySegmenter()
   target(standins.fixed_batch()['image'])
+  fine_tune = checkpoint_io.RestoreMode.fine_tune(False, True)
   with pytest.raises(FileNotFoundError, match='not found'):
-    checkpoints.restore_initial_checkpoint(str(tmp_path / 'nothing'),
-                                           target.checkpoint_items)
+    checkpoint_io.restore_model(target.checkpoint_items,
+                                str(tmp_path / 'nothing'), fine_tune)
   unrelated = tf.train.Checkpoint(other=tf.Variable(1.0)).write(
       str(tmp_path / 'other'))
   with pytest.raises(ValueError, match='shares no variable'):
-    checkpoints.restore_initial_checkpoint(unrelated, target.checkpoint_items)
+    checkpoint_io.restore_model(target.checkpoint_items, unrelated, fine_tune)
+
+
+def test_restore_modes(tmp_path):
+  """What each mode restores and refuses, on a checkpoint without the last
+  layer."""
+  source = standins.TinySegmenter()
+  source(standins.fixed_batch()['image'])
+  items = dict(source.checkpoint_items)
+  full = tf.train.Checkpoint(**items).write(str(tmp_path / 'full'))
+  del items['semantic_last_layer']
+  partial = tf.train.Checkpoint(**items).write(str(tmp_path / 'partial'))
+  target = standins.TinySegmenter()
+  target(standins.fixed_batch()['image'])
+  modes = checkpoint_io.RestoreMode
+
+  report = checkpoint_io.restore_model(target.checkpoint_items, full,
+                                       modes.resume_or_evaluate())
+  assert not report.skipped and not report.missing
+  np.testing.assert_array_equal(
+      target.checkpoint_items['semantic_last_layer'].variables[0].numpy(),
+      source.checkpoint_items['semantic_last_layer'].variables[0].numpy())
+  report = checkpoint_io.restore_model(target.checkpoint_items, partial,
+                                       modes.resume_or_evaluate())
+  assert report.missing and all(k.startswith('semantic_last_layer/')
+                                for k in report.missing)
+  with pytest.raises(checkpoint_io.IncompleteCheckpointError,
+                     match='semantic_last_layer'):
+    checkpoint_io.restore_model(target.checkpoint_items, partial,
+                                modes.strict_inference())
+  report = checkpoint_io.restore_model(
+      target.checkpoint_items, partial,
+      modes.strict_inference(allow_partial=True))
+  assert report.restored and report.missing
+  assert not checkpoint_io.restore_model(target.checkpoint_items, full,
+                                         modes.strict_inference()).missing
 
 
 def test_reserved_names_are_rejected():

@@ -7,6 +7,7 @@ from absl import logging
 import pytest
 import tensorflow as tf
 
+from deeplab_kmax import keys
 from deeplab_kmax.losses import kmax_loss
 from deeplab_kmax.trainer import progress_log
 from deeplab_kmax.trainer import summaries
@@ -23,7 +24,7 @@ class _KMaXLikeLoss(standins.PixelCrossEntropy):
   (each term a different multiple of the cross-entropy)."""
 
   def get_loss_names(self):
-    return [kmax_loss.TOTAL] + _MAIN_TERMS + _AUX_TERMS
+    return [keys.TOTAL_LOSS] + _MAIN_TERMS + _AUX_TERMS
 
   def __call__(self, y_true, y_pred):
     base = super().__call__(y_true, y_pred)['total_loss']
@@ -34,7 +35,7 @@ class _KMaXLikeLoss(standins.PixelCrossEntropy):
 def _record(**fields):
   values = dict(step=1200, total_steps=1500, learning_rate=8.123e-4,
                 steps_per_second=1.62,
-                losses={kmax_loss.TOTAL: 3.45678,
+                losses={keys.TOTAL_LOSS: 3.45678,
                         **{name: 0.1 * (i + 1)
                            for i, name in enumerate(_MAIN_TERMS)},
                         _AUX_TERMS[0]: 9.0})
@@ -62,8 +63,8 @@ def test_line_has_step_loss_terms_rate_and_eta_and_parses_back():
 
 
 def test_line_without_length_or_disabled_terms():
-  record = _record(total_steps=None, losses={kmax_loss.TOTAL: 2.0,
-                                             kmax_loss.SEMANTIC: 1.5})
+  record = _record(total_steps=None, losses={keys.TOTAL_LOSS: 2.0,
+                                             keys.SEMANTIC_LOSS: 1.5})
   line = progress_log.format_line(record)
   assert line == 'step 1200 | loss 2.0000 | semantic 1.5000 | lr 0.000812 | ' \
                  '1.62 steps/s'
@@ -78,12 +79,12 @@ def test_json_lines_are_appended_whole(tmp_path):
   path = str(tmp_path / 'sub' / progress_log.JSONL_FILENAME)
   log = progress_log.ProgressLog(path)
   log.log(_record(step=10))
-  log.log(_record(step=20, losses={kmax_loss.TOTAL: float('nan')}))
+  log.log(_record(step=20, losses={keys.TOTAL_LOSS: float('nan')}))
   records = progress_log.read_json_lines(path)
   assert [r['step'] for r in records] == [10, 20]
   assert records[0]['losses'][_AUX_TERMS[0]] == 9.0
   assert records[0]['eta_seconds'] == pytest.approx((1500 - 10) / 1.62)
-  assert records[1]['losses'] == {kmax_loss.TOTAL: None}  # NaN -> null.
+  assert records[1]['losses'] == {keys.TOTAL_LOSS: None}  # NaN -> null.
   with open(path, encoding='utf-8') as f:
     assert f.read().count('\n') == 2
 
@@ -168,7 +169,7 @@ def test_training_logs_one_line_per_loop_and_the_jsonl(tmp_path, capsys,
   assert [r['step'] for r in records] == [2, 4, 6]
   for record, line in zip(records, parsed):
     assert set(record['losses']) == set(_KMaXLikeLoss().get_loss_names())
-    assert record['losses'][kmax_loss.TOTAL] == pytest.approx(line['loss'],
+    assert record['losses'][keys.TOTAL_LOSS] == pytest.approx(line['loss'],
                                                               abs=1e-4)
     assert record['learning_rate'] == pytest.approx(line['lr'], rel=1e-2)
     assert record['gradient_norm'] > 0

@@ -36,7 +36,7 @@ def test_placeholders_expand_from_environment(monkeypatch, reference_dir):
   monkeypatch.setenv('EXPERIMENT_NAME', 'exp1')
   monkeypatch.setenv('INIT_CHECKPOINT', '/ckpt/dir')
   monkeypatch.setenv('TRAIN_SET', '/data/train*.tfrecord')
-  expanded = train_lib.expand_environment_variables(config, 'train')
+  expanded = config_lib.expand_environment_variables(config, 'train')
   assert expanded.experiment_name == 'exp1'
   assert expanded.model_options.initial_checkpoint == '/ckpt/dir'
   assert list(expanded.train_dataset_options.file_pattern) == [
@@ -46,27 +46,35 @@ def test_placeholders_expand_from_environment(monkeypatch, reference_dir):
   assert config.experiment_name == '${EXPERIMENT_NAME}'  # Input untouched.
   with pytest.raises(ValueError,
                      match=r'\$\{VAL_SET\} in eval_dataset_options.file_pattern'):
-    train_lib.expand_environment_variables(config, 'train_and_eval')
+    config_lib.expand_environment_variables(config, 'train_and_eval')
 
 
 def test_bad_config_values_give_clear_errors(reference_dir):
   good = standins.experiment_config(reference_dir)
-  train_lib.prepare_config(good, 'train_and_eval')
+  config_lib.prepare_config(good, 'train_and_eval')
   bad_crop = config_lib.override(good,
                                  {'train_dataset_options.crop_size': [128, 129]})
   with pytest.raises(ValueError, match=r'crop_size is \[128, 129\].*\[129, 129\]'):
-    train_lib.prepare_config(bad_crop, 'train')
+    config_lib.prepare_config(bad_crop, 'train')
   bad_optimizer = config_lib.override(
       good, {'trainer_options.solver_options.optimizer': 'lamb'})
   with pytest.raises(config_lib.ConfigError, match="optimizer is 'lamb'"):
-    train_lib.prepare_config(bad_optimizer, 'train')
+    config_lib.prepare_config(bad_optimizer, 'train')
   missing = config_lib.override(
       good, {'eval_dataset_options.file_pattern': ['/nonexistent/*.tfrecord']})
   with pytest.raises(FileNotFoundError, match='eval_dataset_options'):
-    train_lib.prepare_config(missing, 'eval')
-  train_lib.prepare_config(missing, 'train')  # Eval data unused in training.
+    config_lib.prepare_config(missing, 'eval')
+  config_lib.prepare_config(missing, 'train')  # Eval data unused in training.
   with pytest.raises(ValueError, match='Unknown mode'):
-    train_lib.prepare_config(good, 'predict')
+    config_lib.prepare_config(good, 'predict')
+  # Evaluation runs one image per batch; training and serving do not care.
+  batched = config_lib.override(good, {'eval_dataset_options.batch_size': 2})
+  with pytest.raises(config_lib.ConfigError, match='one image per batch'):
+    config_lib.prepare_config(batched, 'eval')
+  config_lib.prepare_config(batched, 'train')
+  config_lib.prepare_config(batched, config_lib.INFERENCE)
+  with pytest.raises(ValueError, match='Unknown mode'):
+    train_lib.run_experiment(config_lib.INFERENCE, good, '/nonexistent')
 
 
 def test_aligned_loops_end_on_checkpoint_and_summary_steps():

@@ -1,0 +1,240 @@
+"""What the try-a-model page computes, without any web framework.
+
+The page (`deeplab_kmax.app`) only wires widgets to the functions here, so
+everything a person sees there can be tested without a browser:
+
+  model = load_model(config_file=..., checkpoint_path=...)
+  prepared = model.prepare(image)              # the network, once per image
+  view = model.render(prepared, options)       # the merge, per slider move
+  view.overlay, view.table_rows()              # picture and segment list
+  view.write_downloads(folder)                 # COCO panoptic PNG + JSON
+
+The mask-wise merge thresholds only change the post-processing, so a model
+that gives the raw logits (a config + checkpoint) runs the network once per
+image and re-runs just the merge when a slider moves. An exported SavedModel
+holds the merge with its export-time thresholds inside the graph and returns
+no logits, so there the thresholds are fixed (`TunableModel` vs.
+`FixedModel`; `supports_thresholds` tells the page).
+"""
+
+import dataclasses
+import os
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from deeplab_kmax import keys
+from deeplab_kmax import post_processing
+from deeplab_kmax import predict
+from deeplab_kmax.data import coco_panoptic
+from deeplab_kmax.data import dataset_info as dataset_info_lib
+
+Maps = Dict[str, np.ndarray]
+
+# The mask-wise merge options the page offers, with the label a person sees.
+THRESHOLDS: Tuple[Tuple[str, str], ...] = (
+    ('thing_confidence_threshold', 'Thing class confidence'),
+    ('stuff_confidence_threshold', 'Stuff class confidence'),
+    ('overlapping_threshold', 'Overlapping threshold'),
+    ('pixel_confidence_threshold', 'Pixel confidence'),
+)
+TABLE_HEADERS = ('id', 'class', 'kind', 'score', 'area (%)', 'bbox x,y,w,h')
+# Name stem of the downloaded files (`<stem>_panoptic.png`, `_segments.json`).
+DOWNLOAD_STEM = 'prediction'
+
+
+def with_thresholds(options: post_processing.MaskWiseOptions,
+                    values: Sequence[float]) -> post_processing.MaskWiseOptions:
+  """`options` with the THRESHOLDS set to `values` (in THRESHOLDS order)."""
+  if len(values) != len(THRESHOLDS):
+    raise ValueError(f'Expected {len(THRESHOLDS)} threshold values, got '
+                     f'{len(values)}.')
+  changes = {}
+  for (field, label), value in zip(THRESHOLDS, values):
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+      raise ValueError(f'{label} must be in [0, 1], got {value}.')
+    changes[field] = value
+  return dataclasses.replace(options, **changes)
+
+
+def threshold_values(options: post_processing.MaskWiseOptions) -> List[float]:
+  return [float(getattr(options, field)) for field, _ in THRESHOLDS]
+
+
+@dataclasses.dataclass
+class View:
+  """One rendered prediction: what the page shows and offers."""
+  image: np.ndarray  # [H, W, 3] uint8, the input.
+  maps: Maps  # [H, W] output maps (panoptic_pred, semantic_scores, ...).
+  info: dataset_info_lib.DatasetInfo
+  overlay: np.ndarray  # [H, W, 3] uint8.
+  segments: List[Dict[str, Any]]  # COCO panoptic segments_info.
+  options: post_processing.MaskWiseOptions
+
+  def table_rows(self) -> List[List[Any]]:
+    """One row per segment, in TABLE_HEADERS order."""
+    pixels = float(self.image.shape[0] * self.image.shape[1])
+    return [[s['id'], s['category_name'],
+             'thing' if s['isthing'] else 'stuff', round(s['score'], 3),
+             round(100.0 * s['area'] / pixels, 2),
+             ','.join(str(v) for v in s['bbox'])] for s in self.segments]
+
+  def write_downloads(self, directory: str,
+                      stem: str = DOWNLOAD_STEM) -> List[str]:
+    """Writes the COCO panoptic PNG and segments JSON (as the predict CLI
+    does); returns their paths."""
+    predict.write_prediction(directory, stem, self.image, self.maps,
+                             self.info)
+    return [os.path.join(directory, stem + suffix)
+            for suffix in (predict.PANOPTIC_SUFFIX, predict.SEGMENTS_SUFFIX)]
+
+
+def render(image: np.ndarray, maps: Mapping[str, np.ndarray],
+           info: dataset_info_lib.DatasetInfo,
+           options: post_processing.MaskWiseOptions) -> View:
+  """The overlay and segment list of output maps."""
+  maps = {key: np.asarray(value) for key, value in maps.items()}
+  panoptic = maps[keys.PANOPTIC_PRED]
+  _, segments = coco_panoptic.panoptic_segments(
+      panoptic, maps[keys.SEMANTIC_SCORES], info)
+  overlay = predict.overlay_picture(image, panoptic, segments, info)
+  return View(image, maps, info, overlay, segments, options)
+
+
+@dataclasses.dataclass
+class Prepared:
+  """The network's part of one image's prediction (kept between renders)."""
+  image: np.ndarray  # [H, W, 3] uint8.
+  mask_logits: Optional[np.ndarray] = None  # [1, h, w, N] at the crop.
+  class_logits: Optional[np.ndarray] = None  # [1, N, C + 1].
+  resized_size: Optional[np.ndarray] = None  # [2] image part of the crop.
+  maps: Optional[Maps] = None  # Final maps, for models without logits.
+
+
+class TunableModel:
+  """A built model whose mask-wise merge is re-run with any thresholds."""
+
+  def __init__(self, model, config, description: str,
+               info: Optional[dataset_info_lib.DatasetInfo] = None):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from deeplab_kmax.export import serving  # pylint: disable=g-import-not-at-top
+    self._model = model
+    self.info = info or dataset_info_lib.get_dataset_info(
+        config.eval_dataset_options)
+    self._spec = serving.EvalPreprocessing.from_dataset_options(
+        config.eval_dataset_options)
+    self.default_options = model.post_processor.options
+    self.description = description
+    crop_h, crop_w = self._spec.crop_size
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, crop_h, crop_w, 3], tf.float32)])
+    def logits(padded):
+      raw = model.predict_raw(padded, training=False)
+      return (raw[keys.PIXEL_SPACE_MASK_LOGITS],
+              raw[keys.TRANSFORMER_CLASS_LOGITS])
+
+    self._logits = logits
+
+  supports_thresholds = True
+
+  def prepare(self, image: np.ndarray) -> Prepared:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    image = predict.as_rgb_uint8(image)
+    padded, resized_size = self._spec(tf.constant(image[None]))
+    mask_logits, class_logits = self._logits(padded)
+    return Prepared(image, mask_logits.numpy(), class_logits.numpy(),
+                    resized_size.numpy())
+
+  def maps(self, prepared: Prepared,
+           options: post_processing.MaskWiseOptions) -> Maps:
+    """The serving maps at the image size under `options`."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from deeplab_kmax.data import preprocessing  # pylint: disable=g-import-not-at-top
+    merge = post_processing.MaskWisePostProcessor(
+        self._model.post_processor.label_space, **dataclasses.asdict(options))
+    crop_maps = merge(tf.constant(prepared.mask_logits),
+                      tf.constant(prepared.class_logits),
+                      output_size=self._spec.crop_size)
+    restored = preprocessing.undo_eval_preprocessing(
+        crop_maps, tf.constant(prepared.resized_size),
+        tf.constant(prepared.image.shape[:2]))
+    return {key: value[0].numpy() for key, value in restored.items()}
+
+  def render(self, prepared: Prepared,
+             options: Optional[post_processing.MaskWiseOptions] = None
+             ) -> View:
+    options = options or self.default_options
+    return render(prepared.image, self.maps(prepared, options), self.info,
+                  options)
+
+
+class FixedModel:
+  """A predictor with the merge inside (a SavedModel): fixed thresholds."""
+
+  supports_thresholds = False
+
+  def __init__(self, predictor: predict.Predictor,
+               options: post_processing.MaskWiseOptions):
+    self._predictor = predictor
+    self.info = predictor.info
+    self.default_options = options
+    self.description = predictor.description
+
+  def prepare(self, image: np.ndarray) -> Prepared:
+    image = predict.as_rgb_uint8(image)
+    return Prepared(image, maps=self._predictor(image))
+
+  def render(self, prepared: Prepared,
+             options: Optional[post_processing.MaskWiseOptions] = None
+             ) -> View:
+    if options is not None and options != self.default_options:
+      raise ValueError(
+          f'{self.description} has its thresholds built in; start the app '
+          'with --config_file and --checkpoint_path to change them.')
+    return render(prepared.image, prepared.maps, self.info,
+                  self.default_options)
+
+
+AppModel = Union[TunableModel, FixedModel]
+
+
+def load_model(saved_model: Optional[str] = None,
+               config_file: Optional[str] = None,
+               checkpoint_path: Optional[str] = None,
+               config_overrides: Sequence[str] = ()) -> AppModel:
+  """The model of the page, from a SavedModel or a config + checkpoint."""
+  if bool(saved_model) == bool(config_file):
+    raise ValueError('Give exactly one of --saved_model or --config_file '
+                     '(with --checkpoint_path).')
+  if saved_model:
+    from deeplab_kmax.export import saved_model as saved_model_lib  # pylint: disable=g-import-not-at-top
+    metadata = saved_model_lib.load_metadata(saved_model)
+    options = post_processing.MaskWiseOptions(**metadata['post_processing'])
+    return FixedModel(predict.saved_model_predictor(saved_model), options)
+  if not checkpoint_path:
+    raise ValueError('--config_file needs --checkpoint_path.')
+  from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from deeplab_kmax.export import model_loading  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_experiment(config_file, config_overrides,
+                                      mode=config_lib.INFERENCE)
+  model = model_loading.build_inference_model(config, checkpoint_path)
+  return TunableModel(model, config, f'checkpoint {checkpoint_path}')
+
+
+def example_images(directory: Optional[str], limit: int = 8) -> List[str]:
+  """Up to `limit` image files of a folder (sorted), for the page's
+  examples; none without a folder."""
+  if not directory:
+    return []
+  if not os.path.isdir(directory):
+    raise ValueError(f'--examples_dir={directory} is not a directory.')
+  return predict.expand_inputs([directory])[:limit]
+
+
+def new_download_dir(root: Optional[str] = None) -> str:
+  """A fresh folder (under `root`) for one render's downloads, never shared
+  between visitors of the page."""
+  return tempfile.mkdtemp(prefix='render_', dir=root)
