@@ -25,14 +25,14 @@ import numpy as np
 from PIL import Image
 
 from deeplab_kmax import cli_errors
+from deeplab_kmax import predict
 from deeplab_kmax import temp_files
 from deeplab_kmax import visualization
 from deeplab_kmax.data import coco_panoptic
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 
 TITLES = ('image', 'ground truth', 'prediction')
-_PANOPTIC_SUFFIX = '_panoptic.png'
-_SEGMENTS_SUFFIX = '_segments.json'
+_SEGMENTS_SUFFIX = predict.SEGMENTS_SUFFIX  # Written last, beside the PNG.
 
 
 class SheetError(ValueError, cli_errors.ExpectedError):
