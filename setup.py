@@ -47,7 +47,7 @@ setuptools.setup(
         # pq_compute) that tests/evaluation scores predictions with.
         # playwright: drives a headless Chromium through the app's page
         # (tests/test_app.py; the browser itself comes from the system).
-        'test': ['pytest', 'pytest-xdist', 'grpcio-tools',
+        'test': ['pytest', 'pytest-xdist>=3.8', 'grpcio-tools',
                  'cityscapesscripts>=2.2', 'playwright'],
         # ONNX export of the network (trainer/export_model.py --onnx_path).
         'onnx': ['tf2onnx>=1.17.0', 'onnxruntime>=1.31.1'],

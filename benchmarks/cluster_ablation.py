@@ -41,20 +41,14 @@ from absl import flags
 if __package__ in (None, ''):  # Run as a script from a checkout.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deeplab_kmax.layers import cluster_options  # pylint: disable=g-import-not-at-top
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIG = os.path.join(REPO, 'configs', 'demo', 'kmax_demo.textproto')
 PREFIX = 'model_options.max_deeplab'
 # Variant -> clustering-family fields over the base config (the first row is
 # the base config itself: kMaX, cluster_argmax).
-VARIANTS = {
-    'cluster_argmax (kMaX)': {},
-    'cluster_softmax': {'pixel_cluster_interaction': 'cluster_softmax'},
-    'spatial_softmax': {'pixel_cluster_interaction': 'spatial_softmax'},
-    'cmt': {'cluster_decoder': 'cmt',
-            'pixel_cluster_interaction': 'cluster_softmax'},
-    'clusterformer': {'cluster_decoder': 'clusterformer',
-                      'clusterformer_iterations': 3},
-}
+VARIANTS = {'cluster_argmax (kMaX)': {}, **cluster_options.VARIANTS}
 SMOKE_STEPS = 3
 
 _STEPS = flags.DEFINE_integer('steps', 600, 'Training steps per variant.')

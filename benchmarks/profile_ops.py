@@ -100,7 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   from deeplab_kmax import model as model_lib  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config(args.config_file)
-  model = model_lib.build_model(config, crop_size=(args.crop, args.crop))
+  model = model_lib.build_model(config)  # variables at a small size
   images = tf.constant(np.random.default_rng(0).uniform(
       0, 255, [args.batch, args.crop, args.crop, 3]), tf.float32)
   steps = {'infer': network_steps.infer_step(model),

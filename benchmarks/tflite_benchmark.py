@@ -1,7 +1,12 @@
 r"""Size and CPU latency of the TFLite export, per quantization.
 
-  python benchmarks/tflite_benchmark.py --config_file=demo/kmax_demo \
+  DEMO_DIR=demo_output/data python benchmarks/tflite_benchmark.py \
+      --config_file=demo/kmax_demo \
       --quantizations=none,float16,dynamic_range --runs=10
+
+(the demo config reads its dataset descriptor from $DEMO_DIR: the folder
+`data/build_demo_data.py` or `bash demo.sh` wrote, or any folder holding
+`demo_dataset.dataset_info().save(...)`'s demo_shapes.json).
 
 Converts the model of the config (restored from --checkpoint_path, or with
 its initial random weights: latency does not depend on the values) with the

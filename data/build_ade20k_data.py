@@ -13,16 +13,14 @@ Labels are `(json category + 1) * 1000 + instance`; JSON category 255,
 unlabelled pixels and (by default) crowd pixels are void 0.
 """
 
+import functools
 import os
 import sys
-
-from absl import app
 
 if __package__ in (None, ''):  # Run as a script from a checkout.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deeplab_kmax import cli_errors  # pylint: disable=g-import-not-at-top
-from deeplab_kmax.data import converter_flags
+from deeplab_kmax.data import converter_flags  # pylint: disable=g-import-not-at-top
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import panoptic_conversion
 
@@ -32,22 +30,13 @@ _FLAGS = converter_flags.define_converter_flags(
 
 def main(argv):
   del argv
-  root = _FLAGS.root.value
-  folders = panoptic_conversion.ADE20K_SPLIT_FOLDERS
-  splits = _FLAGS.splits.value or [
-      s for s in folders
-      if os.path.isdir(os.path.join(root, 'images', folders[s]))]
-  if not splits:
-    raise app.UsageError(f'No images/training or images/validation under '
-                         f'{root}.')
-  spec = panoptic_conversion.ade20k_label_spec(
-      dataset_info_lib.ADE20K_PANOPTIC,
-      treat_crowd_as_ignore=_FLAGS.treat_crowd_as_ignore.value)
-  tasks = {split: panoptic_conversion.ade20k_tasks(root, split)
-           for split in splits}
-  _FLAGS.convert(tasks, spec)
+  _FLAGS.convert_splits(
+      {split: os.path.join('images', folder) for split, folder
+       in panoptic_conversion.ADE20K_SPLIT_FOLDERS.items()},
+      panoptic_conversion.ade20k_tasks,
+      functools.partial(panoptic_conversion.ade20k_label_spec,
+                        dataset_info_lib.ADE20K_PANOPTIC))
 
 
 if __name__ == '__main__':
-  converter_flags.mark_required(_FLAGS)
-  cli_errors.run(main, expected=(panoptic_conversion.ConversionError,))
+  _FLAGS.run(main)

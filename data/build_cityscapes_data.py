@@ -14,16 +14,14 @@ Labels are `train_id * 1000 + instance`; unlabelled and (by default) crowd
 pixels are void 255.
 """
 
+import functools
 import os
 import sys
-
-from absl import app
 
 if __package__ in (None, ''):  # Run as a script from a checkout.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deeplab_kmax import cli_errors  # pylint: disable=g-import-not-at-top
-from deeplab_kmax.data import converter_flags
+from deeplab_kmax.data import converter_flags  # pylint: disable=g-import-not-at-top
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import panoptic_conversion
 
@@ -33,20 +31,13 @@ _FLAGS = converter_flags.define_converter_flags(
 
 def main(argv):
   del argv
-  root = _FLAGS.root.value
-  splits = _FLAGS.splits.value or [
-      s for s in ('train', 'val', 'test')
-      if os.path.isdir(os.path.join(root, 'leftImg8bit', s))]
-  if not splits:
-    raise app.UsageError(f'No leftImg8bit/<split> folder under {root}.')
-  spec = panoptic_conversion.LabelSpec.from_dataset_info(
-      dataset_info_lib.CITYSCAPES_PANOPTIC,
-      treat_crowd_as_ignore=_FLAGS.treat_crowd_as_ignore.value)
-  tasks = {split: panoptic_conversion.cityscapes_tasks(root, split)
-           for split in splits}
-  _FLAGS.convert(tasks, spec)
+  _FLAGS.convert_splits(
+      {split: os.path.join('leftImg8bit', split)
+       for split in ('train', 'val', 'test')},
+      panoptic_conversion.cityscapes_tasks,
+      functools.partial(panoptic_conversion.LabelSpec.from_dataset_info,
+                        dataset_info_lib.CITYSCAPES_PANOPTIC))
 
 
 if __name__ == '__main__':
-  converter_flags.mark_required(_FLAGS)
-  cli_errors.run(main, expected=(panoptic_conversion.ConversionError,))
+  _FLAGS.run(main)

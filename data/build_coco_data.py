@@ -29,8 +29,7 @@ from absl import logging
 if __package__ in (None, ''):  # Run as a script from a checkout.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deeplab_kmax import cli_errors  # pylint: disable=g-import-not-at-top
-from deeplab_kmax.data import converter_flags
+from deeplab_kmax.data import converter_flags  # pylint: disable=g-import-not-at-top
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import panoptic_conversion
 
@@ -73,11 +72,7 @@ def _descriptor(coco_root, splits) -> dataset_info_lib.DatasetInfo:
 def main(argv):
   del argv
   coco_root = _FLAGS.root.value
-  splits = (_FLAGS.splits.value or
-            panoptic_conversion.existing_coco_splits(coco_root))
-  if not splits:
-    raise app.UsageError(f'No split folder (train2017, val2017, test2017) '
-                         f'under {coco_root}.')
+  splits = _FLAGS.splits_to_convert(panoptic_conversion.COCO_SPLIT_FOLDERS)
   written = panoptic_conversion.convert_coco_panoptic(
       coco_root, _FLAGS.output_dir.value, splits, _FLAGS.num_shards.value,
       _descriptor(coco_root, splits), num_workers=_FLAGS.num_workers.value,
@@ -87,5 +82,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  converter_flags.mark_required(_FLAGS)
-  cli_errors.run(main, expected=(panoptic_conversion.ConversionError,))
+  _FLAGS.run(main)

@@ -8,9 +8,10 @@ r"""A local web page to try a model on your own images (Gradio).
 then open the printed address (http://127.0.0.1:7860 by default). Upload or
 pick an image to see the panoptic overlay and the segment list (class,
 thing/stuff, score, area, box); the sliders re-run the mask-wise merge with
-other thresholds (with a config + checkpoint; a SavedModel has its
-export-time thresholds built in); the files offered for download are the
-COCO panoptic PNG + segments JSON the predict CLI writes.
+other thresholds (with a config + checkpoint, or a SavedModel through its
+`serving_logits` signature; older exports without it keep their export-time
+thresholds); the files offered for download are the COCO panoptic PNG +
+segments JSON the predict CLI writes.
 
 Needs the optional extra: `pip install -e ".[app]"` (Gradio). The page is
 served on the loopback interface only, unless --host says otherwise. The
@@ -50,8 +51,10 @@ def _status(model: app_logic.AppModel, view: app_logic.View) -> str:
   text = (f'{len(view.segments)} segments ({things} things, '
           f'{len(view.segments) - things} stuff) from {model.description}.')
   if not model.supports_thresholds:
-    text += (' The thresholds are built into this SavedModel; start the app '
-             'with --config_file and --checkpoint_path to change them.')
+    text += (' The thresholds are built into this SavedModel (exported '
+             'without the serving_logits signature); export it again, or '
+             'start the app with --config_file and --checkpoint_path, to '
+             'change them.')
   return text
 
 
@@ -123,7 +126,8 @@ def launch(page, host: str, port: int, allowed_paths: Sequence[str] = (),
 def _define_flags() -> None:
   flags.DEFINE_string('saved_model', None,
                       'SavedModel directory written by export_model.py '
-                      '(thresholds fixed at export).')
+                      '(thresholds adjustable through its serving_logits '
+                      'signature).')
   flags.DEFINE_string('config_file', None,
                       'Experiment config, with --checkpoint_path, instead of '
                       'a SavedModel (thresholds adjustable).')

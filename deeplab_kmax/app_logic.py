@@ -10,17 +10,19 @@ everything a person sees there can be tested without a browser:
   view.write_downloads(folder)                 # COCO panoptic PNG + JSON
 
 The mask-wise merge thresholds only change the post-processing, so a model
-that gives the raw logits (a config + checkpoint) runs the network once per
-image and re-runs just the merge when a slider moves. An exported SavedModel
-holds the merge with its export-time thresholds inside the graph and returns
-no logits, so there the thresholds are fixed (`TunableModel` vs.
-`FixedModel`; `supports_thresholds` tells the page).
+that gives the raw logits (a config + checkpoint, or a SavedModel through its
+`serving_logits` signature) runs the network once per image and re-runs just
+the merge when a slider moves (`TunableModel`). A SavedModel exported before
+that signature existed has only the merge with its export-time thresholds
+inside the graph, so there the thresholds are fixed (`FixedModel`;
+`supports_thresholds` tells the page).
 """
 
 import dataclasses
 import os
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from deeplab_kmax import post_processing
 from deeplab_kmax import predict
 from deeplab_kmax.data import coco_panoptic
 from deeplab_kmax.data import dataset_info as dataset_info_lib
+from deeplab_kmax.data import label_space as label_space_lib
 
 Maps = Dict[str, np.ndarray]
 
@@ -107,60 +110,107 @@ def render(image: np.ndarray, maps: Mapping[str, np.ndarray],
 class Prepared:
   """The network's part of one image's prediction (kept between renders)."""
   image: np.ndarray  # [H, W, 3] uint8.
-  mask_logits: Optional[np.ndarray] = None  # [1, h, w, N] at the crop.
-  class_logits: Optional[np.ndarray] = None  # [1, N, C + 1].
+  logits: Optional[Maps] = None  # serving.LOGITS_KEYS, batch 1, at the crop.
   resized_size: Optional[np.ndarray] = None  # [2] image part of the crop.
   maps: Optional[Maps] = None  # Final maps, for models without logits.
 
 
+# uint8 [H, W, 3] -> (serving.LOGITS_KEYS maps with a batch of 1, the [2]
+# resized size): the network on the padded evaluation crop, no merge.
+LogitsFunction = Callable[[np.ndarray], Tuple[Maps, np.ndarray]]
+
+
 class TunableModel:
-  """A built model whose mask-wise merge is re-run with any thresholds."""
+  """A model that gives its logits, so the mask-wise merge is re-run here
+  with any thresholds: a config + checkpoint, or a SavedModel with the
+  `serving_logits` signature.
 
-  def __init__(self, model, config, description: str,
-               info: Optional[dataset_info_lib.DatasetInfo] = None):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from deeplab_kmax.export import serving  # pylint: disable=g-import-not-at-top
-    self._model = model
-    self.info = info or dataset_info_lib.get_dataset_info(
-        config.eval_dataset_options)
-    self._spec = serving.EvalPreprocessing.from_dataset_options(
-        config.eval_dataset_options)
-    self.default_options = model.post_processor.options
-    self.description = description
-    crop_h, crop_w = self._spec.crop_size
-
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, crop_h, crop_w, 3], tf.float32)])
-    def logits(padded):
-      raw = model.predict_raw(padded, training=False)
-      return (raw[keys.PIXEL_SPACE_MASK_LOGITS],
-              raw[keys.TRANSFORMER_CLASS_LOGITS])
-
-    self._logits = logits
+  The merge is the serving graph's (`serving.maps_from_logits` and
+  `undo_eval_preprocessing`), so the default thresholds give exactly the
+  maps of the SavedModel's `serving_default`.
+  """
 
   supports_thresholds = True
 
-  def prepare(self, image: np.ndarray) -> Prepared:
+  def __init__(self, logits_function: LogitsFunction,
+               label_space: label_space_lib.LabelSpace,
+               crop_size: Tuple[int, int],
+               info: dataset_info_lib.DatasetInfo,
+               default_options: post_processing.MaskWiseOptions,
+               description: str):
+    self._logits = logits_function
+    self._label_space = label_space
+    self._crop_size = tuple(crop_size)
+    self.info = info
+    self.default_options = default_options
+    self.description = description
+
+  @classmethod
+  def from_keras(cls, model, config, description: str,
+                 info: Optional[dataset_info_lib.DatasetInfo] = None
+                 ) -> 'TunableModel':
+    """A built KMaXDeepLab with its experiment config."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from deeplab_kmax.export import serving  # pylint: disable=g-import-not-at-top
+    spec = serving.EvalPreprocessing.from_dataset_options(
+        config.eval_dataset_options)
+    crop_h, crop_w = spec.crop_size
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, crop_h, crop_w, 3], tf.float32)])
+    def network(padded):
+      return serving.network_logits(model, padded)
+
+    def logits(image):
+      padded, resized_size = spec(tf.constant(image[None]))
+      return ({k: v.numpy() for k, v in network(padded).items()},
+              resized_size.numpy())
+
+    return cls(logits, model.post_processor.label_space, spec.crop_size,
+               info or dataset_info_lib.get_dataset_info(
+                   config.eval_dataset_options),
+               model.post_processor.options, description)
+
+  @classmethod
+  def from_saved_model(cls, path: str, loaded, metadata: Mapping[str, Any]
+                       ) -> 'TunableModel':
+    """A loaded SavedModel that has the `serving_logits` signature."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from deeplab_kmax.export import serving  # pylint: disable=g-import-not-at-top
+    function = loaded.signatures[keys.SIGNATURE_LOGITS]
+    spec = serving.EvalPreprocessing.from_json_dict(
+        metadata[keys.METADATA_PREPROCESSING])
+    info = serving.dataset_info_from_metadata(metadata)
+
+    def logits(image):
+      outputs = function(**{keys.INPUT_IMAGE: tf.constant(image)})
+      return ({key: outputs[key].numpy()[None]
+               for key in serving.LOGITS_KEYS},
+              outputs[keys.RESIZED_SIZE].numpy())
+
+    logits.loaded = loaded  # The signature needs the loaded object alive.
+    return cls(logits, info.label_space, spec.crop_size, info,
+               _options_of(metadata), f'SavedModel {path}')
+
+  def prepare(self, image: np.ndarray) -> Prepared:
     image = predict.as_rgb_uint8(image)
-    padded, resized_size = self._spec(tf.constant(image[None]))
-    mask_logits, class_logits = self._logits(padded)
-    return Prepared(image, mask_logits.numpy(), class_logits.numpy(),
-                    resized_size.numpy())
+    logits, resized_size = self._logits(image)
+    return Prepared(image, logits=logits, resized_size=resized_size)
 
   def maps(self, prepared: Prepared,
            options: post_processing.MaskWiseOptions) -> Maps:
     """The serving maps at the image size under `options`."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from deeplab_kmax.data import preprocessing  # pylint: disable=g-import-not-at-top
+    from deeplab_kmax.export import serving  # pylint: disable=g-import-not-at-top
     merge = post_processing.MaskWisePostProcessor(
-        self._model.post_processor.label_space, **dataclasses.asdict(options))
-    crop_maps = merge(tf.constant(prepared.mask_logits),
-                      tf.constant(prepared.class_logits),
-                      output_size=self._spec.crop_size)
+        self._label_space, **dataclasses.asdict(options))
+    logits = {key: tf.constant(value)
+              for key, value in prepared.logits.items()}
+    crop_maps = serving.maps_from_logits(merge, logits, self._crop_size)
     restored = preprocessing.undo_eval_preprocessing(
         crop_maps, tf.constant(prepared.resized_size),
-        tf.constant(prepared.image.shape[:2]))
+        tf.constant(prepared.image.shape[:2]), serving.BILINEAR_OUTPUTS)
     return {key: value[0].numpy() for key, value in restored.items()}
 
   def render(self, prepared: Prepared,
@@ -172,7 +222,8 @@ class TunableModel:
 
 
 class FixedModel:
-  """A predictor with the merge inside (a SavedModel): fixed thresholds."""
+  """A predictor with the merge inside and no logits (a SavedModel exported
+  before the `serving_logits` signature existed): fixed thresholds."""
 
   supports_thresholds = False
 
@@ -192,13 +243,29 @@ class FixedModel:
              ) -> View:
     if options is not None and options != self.default_options:
       raise ValueError(
-          f'{self.description} has its thresholds built in; start the app '
-          'with --config_file and --checkpoint_path to change them.')
+          f'{self.description} has its thresholds built in (it has no '
+          f'{keys.SIGNATURE_LOGITS} signature); export it again, or start '
+          'the app with --config_file and --checkpoint_path, to change them.')
     return render(prepared.image, prepared.maps, self.info,
                   self.default_options)
 
 
 AppModel = Union[TunableModel, FixedModel]
+
+
+def _options_of(metadata: Mapping[str, Any]) -> post_processing.MaskWiseOptions:
+  """The export-time merge options a SavedModel's metadata records."""
+  return post_processing.MaskWiseOptions(**metadata['post_processing'])
+
+
+def load_saved_model(path: str) -> AppModel:
+  """Tunable when the SavedModel has the `serving_logits` signature, fixed
+  (its `serving_default` as is) for older exports."""
+  from deeplab_kmax.export import saved_model as saved_model_lib  # pylint: disable=g-import-not-at-top
+  loaded, _, metadata = saved_model_lib.load(path)
+  if keys.SIGNATURE_LOGITS in loaded.signatures:
+    return TunableModel.from_saved_model(path, loaded, metadata)
+  return FixedModel(predict.saved_model_predictor(path), _options_of(metadata))
 
 
 def load_model(saved_model: Optional[str] = None,
@@ -210,10 +277,7 @@ def load_model(saved_model: Optional[str] = None,
     raise ValueError('Give exactly one of --saved_model or --config_file '
                      '(with --checkpoint_path).')
   if saved_model:
-    from deeplab_kmax.export import saved_model as saved_model_lib  # pylint: disable=g-import-not-at-top
-    metadata = saved_model_lib.load_metadata(saved_model)
-    options = post_processing.MaskWiseOptions(**metadata['post_processing'])
-    return FixedModel(predict.saved_model_predictor(saved_model), options)
+    return load_saved_model(saved_model)
   if not checkpoint_path:
     raise ValueError('--config_file needs --checkpoint_path.')
   from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -221,7 +285,8 @@ def load_model(saved_model: Optional[str] = None,
   config = config_lib.load_experiment(config_file, config_overrides,
                                       mode=config_lib.INFERENCE)
   model = model_loading.build_inference_model(config, checkpoint_path)
-  return TunableModel(model, config, f'checkpoint {checkpoint_path}')
+  return TunableModel.from_keras(model, config,
+                                 f'checkpoint {checkpoint_path}')
 
 
 def example_images(directory: Optional[str], limit: int = 8) -> List[str]:

@@ -103,6 +103,10 @@ LEARNING_RATE = 'learning_rate'
 SIGNATURE_IMAGE = 'serving_default'
 SIGNATURE_BATCH = 'serving_batch'
 SIGNATURE_ENCODED = 'serving_encoded'
+# The network's logits without the merge (clients re-merging, e.g. the app).
+SIGNATURE_LOGITS = 'serving_logits'
+# Its [2] output: the size of the image part (top-left) of the padded crop.
+RESIZED_SIZE = 'resized_size'
 INPUT_IMAGE = 'image'
 INPUT_IMAGES = 'images'
 # Sent as {"b64": ...} over REST; the "_bytes" suffix is the usual naming

@@ -15,7 +15,7 @@ DeepLab2 kMaX checkpoints.
 """
 
 import dataclasses
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 import tf_keras
@@ -30,6 +30,7 @@ from deeplab_kmax.config import config_pb2
 from deeplab_kmax.config import resolve
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.layers import normalization
+from deeplab_kmax.layers import recompute
 from deeplab_kmax.ops import resize
 from deeplab_kmax.pixel_encoder import axial_resnet
 from deeplab_kmax.pixel_encoder import convnext
@@ -198,6 +199,28 @@ class KMaXDeepLab(tf_keras.Model):
                                             restore_class_last_layer))
 
 
+def encoder_stage_layers(
+    encoder: tf_keras.layers.Layer) -> List[tf_keras.layers.Layer]:
+  """The pixel encoder's stages in call order (ResNets: stem + 4 stages)."""
+  if isinstance(encoder, axial_resnet.AxialResNet):
+    return encoder.stage_layers
+  if isinstance(encoder, convnext.ConvNeXtEncoder):
+    return list(encoder.stages)
+  raise TypeError(f'No known stages in pixel encoder {encoder.name!r} of '
+                  f'type {type(encoder).__name__}.')
+
+
+def enable_activation_recomputation(model: KMaXDeepLab) -> None:
+  """Recomputes, in backprop, each encoder stage and each k-means block.
+
+  `trainer_options.recompute_activations`; see `layers/recompute.py`.
+  Gradients and moving statistics stay those of the plain step.
+  """
+  for layer in (*encoder_stage_layers(model.pixel_encoder),
+                *model.transformer_decoder.blocks):
+    recompute.enable(layer)
+
+
 def _resize_auxiliary_outputs(outputs: Dict[str, Any]) -> Tuple[Dict, ...]:
   """Brings each block's pixel predictions to the final output stride."""
   size = tf.shape(outputs[keys.PIXEL_SPACE_MASK_LOGITS])[1:3]
@@ -227,8 +250,9 @@ def build_model(config: config_pb2.ExperimentOptions,
     config: experiment options; model, solver (batch norm) and evaluator
       options are read.
     dataset_info: the dataset; by default the train dataset's descriptor.
-    crop_size: (height, width) used to create the variables; defaults to the
-      train crop. Variables do not depend on it, any size runs afterwards.
+    crop_size: (height, width) of the dummy call that creates the variables;
+      defaults to 129 x 129. Variables do not depend on it, any size runs
+      afterwards; a small call keeps build time and peak memory down.
 
   Returns:
     A built KMaXDeepLab.
@@ -305,7 +329,9 @@ def build_model(config: config_pb2.ExperimentOptions,
   model = KMaXDeepLab(encoder, pixel_decoder, transformer_decoder, predictor,
                       post_processor)
   if crop_size is None:
-    crop_size = tuple(config.train_dataset_options.crop_size) or (129, 129)
+    crop_size = (129, 129)
   height, width = (int(s) for s in crop_size)
   model(tf.zeros([1, height, width, 3]), training=False)
+  if config.trainer_options.recompute_activations:
+    enable_activation_recomputation(model)
   return model

@@ -43,17 +43,55 @@ from deeplab_kmax.ops import resize
 OutputSize = Union[Sequence[int], tf.Tensor]
 
 
+def _options_of(evaluator_options: evaluator_pb2.EvaluatorOptions
+                ) -> Dict[str, Any]:
+  """The merge's knobs read from DeepLab2's `evaluator_options` fields."""
+  maskwise = evaluator_options.maskwise_postprocessing
+  return dict(
+      pixel_confidence_threshold=evaluator_options.pixel_confidence_threshold,
+      thing_confidence_threshold=(
+          maskwise.transformer_class_confidence_threshold_thing),
+      stuff_confidence_threshold=(
+          maskwise.transformer_class_confidence_threshold_stuff),
+      overlapping_threshold=maskwise.overlapping_threshold,
+      reorder_class_weight=maskwise.reorder_class_weight,
+      reorder_mask_weight=maskwise.reorder_mask_weight,
+      thing_area_limit=evaluator_options.thing_area_limit,
+      stuff_area_limit=evaluator_options.stuff_area_limit)
+
+
+# The proto is the one home of the defaults (they equal DeepLab2's).
+_PROTO_DEFAULTS = _options_of(evaluator_pb2.EvaluatorOptions())
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskWiseOptions:
-  """The knobs of mask-wise merging (DeepLab2's evaluator_options)."""
-  pixel_confidence_threshold: float = 0.4
-  thing_confidence_threshold: float = 0.7
-  stuff_confidence_threshold: float = 0.5
-  overlapping_threshold: float = 0.8
-  reorder_class_weight: float = 1.0
-  reorder_mask_weight: float = 1.0
-  thing_area_limit: int = 0
-  stuff_area_limit: int = 0
+  """The knobs of mask-wise merging (DeepLab2's evaluator_options); the
+  defaults are the proto's.
+
+  Attributes:
+    pixel_confidence_threshold: mask probability above which a slot claims
+      a pixel.
+    thing_confidence_threshold: minimum class confidence of a thing slot.
+    stuff_confidence_threshold: minimum class confidence of a stuff slot.
+    overlapping_threshold: a mask is dropped unless more than this fraction
+      of it is unclaimed by higher-ranked masks.
+    reorder_class_weight: exponent of class confidence in the ranking.
+    reorder_mask_weight: exponent of mask quality in the ranking.
+    thing_area_limit: minimum instance area in output pixels (0 = off).
+    stuff_area_limit: minimum stuff-class area in output pixels (0 = off).
+  """
+  pixel_confidence_threshold: float = (
+      _PROTO_DEFAULTS['pixel_confidence_threshold'])
+  thing_confidence_threshold: float = (
+      _PROTO_DEFAULTS['thing_confidence_threshold'])
+  stuff_confidence_threshold: float = (
+      _PROTO_DEFAULTS['stuff_confidence_threshold'])
+  overlapping_threshold: float = _PROTO_DEFAULTS['overlapping_threshold']
+  reorder_class_weight: float = _PROTO_DEFAULTS['reorder_class_weight']
+  reorder_mask_weight: float = _PROTO_DEFAULTS['reorder_mask_weight']
+  thing_area_limit: int = _PROTO_DEFAULTS['thing_area_limit']
+  stuff_area_limit: int = _PROTO_DEFAULTS['stuff_area_limit']
 
 
 def slot_class_predictions(
@@ -131,6 +169,107 @@ def paste_masks_in_order(binary_masks: tf.Tensor, pasteable: tf.Tensor,
   return canvas
 
 
+# At or above this pixel threshold no pixel is claimed by more than two slots
+# (three softmax probabilities above 1/3 would sum past 1; 0.34 leaves room
+# for the softmax's rounding), so the paste can work on per-slot pixel counts
+# instead of [B, P, N] masks.
+TWO_CLAIMS_MIN_THRESHOLD = 0.34
+
+
+def uses_two_claim_paste(pixel_confidence_threshold: float,
+                         num_slots: Optional[int]) -> bool:
+  """Whether `maskwise_panoptic_inference` takes the count-based paste."""
+  return (pixel_confidence_threshold >= TWO_CLAIMS_MIN_THRESHOLD and
+          num_slots is not None and num_slots >= 2)
+
+
+def _flat_gather(params: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
+  """`tf.gather(params, indices, batch_dims=1)` for [B, K] params, as one
+  plain gather on flattened rows (the form ONNX converters translate)."""
+  shape = tf.shape(params)
+  offsets = shape[1] * tf.range(shape[0])  # [B]
+  offsets = tf.reshape(offsets, [-1] + [1] * (indices.shape.rank - 1))
+  return tf.gather(tf.reshape(params, [-1]), indices + offsets)
+
+
+def paste_two_claim_masks(claim_slots: tf.Tensor, claimed: tf.Tensor,
+                          rank_to_slot: tf.Tensor, pasteable: tf.Tensor,
+                          overlapping_threshold: float) -> tf.Tensor:
+  """`paste_masks_in_order` for masks of which at most two claim a pixel.
+
+  Same canvas, computed from counts: a mask's free area when its turn comes
+  is its area minus its overlaps with the masks already pasted (a pixel has
+  at most one other claimant, so overlaps never double count). The greedy
+  loop then runs over [B, N] counts, not over [B, P] masks; counts are
+  integers below 2**24, so the float comparisons are the dense loop's.
+
+  Args:
+    claim_slots: [B, P, 2] int32, the two most probable slots of each pixel.
+    claimed: [B, P, 2] bool, whether each of them claims the pixel (only the
+      two most probable slots can).
+    rank_to_slot: [B, N] int32, slot of each rank.
+    pasteable: [B, N] bool, whether the slot of each rank may be pasted.
+    overlapping_threshold: a mask is pasted only if more than this fraction of
+      it is still free.
+
+  Returns:
+    [B, P] int32 canvas: 0 where free, otherwise 1 + rank of the owner.
+  """
+  shape = tf.shape(rank_to_slot)
+  batch = shape[0]
+  num_slots = rank_to_slot.shape[1]
+  slot_to_rank = tf.argsort(rank_to_slot, axis=-1, stable=True)  # [B, N]
+  # Rank of each claimant; N stands for "no claim" (sorts last).
+  ranks = tf.where(claimed, _flat_gather(slot_to_rank, claim_slots),
+                   num_slots)  # [B, P, 2]
+  first = tf.reduce_min(ranks, axis=-1)  # [B, P]
+  second = tf.reduce_max(ranks, axis=-1)
+  image = tf.range(batch)[:, tf.newaxis, tf.newaxis]  # [B, 1, 1]
+
+  def counts(ids, num_segments):  # rank-1 ids: what ONNX converters take
+    flat = tf.reshape(ids, [-1])
+    return tf.math.unsorted_segment_sum(tf.ones_like(flat), flat,
+                                        num_segments)
+
+  # Mask areas [B, N] (segment N of each image collects the non-claims).
+  areas = tf.reshape(
+      counts(ranks + (num_slots + 1) * image, batch * (num_slots + 1)),
+      [batch, num_slots + 1])[:, :num_slots]
+  # Pixels claimed by both ranks (earlier, later): [B, N, N]; the last
+  # segment collects the pixels with fewer than two claims.
+  pair_ids = tf.where(second < num_slots,
+                      first * num_slots + second + num_slots**2 * image[..., 0],
+                      batch * num_slots**2)
+  overlaps = tf.reshape(
+      counts(pair_ids, batch * num_slots**2 + 1)[:-1],
+      [batch, num_slots, num_slots])
+  areas = tf.cast(areas, tf.float32)
+  # [N (later rank), B, N (earlier rank)]
+  overlaps_by_rank = tf.transpose(tf.cast(overlaps, tf.float32), [2, 0, 1])
+  pasteable_by_rank = tf.transpose(pasteable)  # [N, B]
+  areas_by_rank = tf.transpose(areas)  # [N, B]
+
+  def paste_one(rank, pasted):  # pasted: [B, N] 0/1 per rank
+    mask_area = areas_by_rank[rank]  # [B]
+    taken = tf.reduce_sum(pasted * overlaps_by_rank[rank], axis=-1)  # [B]
+    free_area = mask_area - taken
+    accept = tf.logical_and(pasteable_by_rank[rank],
+                            free_area > mask_area * overlapping_threshold)
+    pasted += tf.one_hot(rank, num_slots)[tf.newaxis] * tf.cast(
+        accept, tf.float32)[:, tf.newaxis]
+    return rank + 1, pasted
+
+  _, pasted = tf.while_loop(
+      lambda rank, _: rank < num_slots, paste_one,
+      (tf.constant(0), tf.zeros([batch, num_slots], tf.float32)))
+  # Rank N (no claim) is never pasted.
+  pasted = tf.pad(pasted > 0.5, [[0, 0], [0, 1]])  # [B, N + 1]
+  first_pasted = _flat_gather(pasted, first)  # [B, P]
+  second_pasted = _flat_gather(pasted, second)
+  return tf.where(first_pasted, first + 1,
+                  tf.where(second_pasted, second + 1, 0))
+
+
 def _area_of_own_segment(segment_ids: tf.Tensor,
                          num_segments: int) -> tf.Tensor:
   """Per pixel, the pixel count of its segment within its own image.
@@ -146,10 +285,10 @@ def _area_of_own_segment(segment_ids: tf.Tensor,
   return tf.reshape(tf.gather(counts, flat_ids), tf.shape(segment_ids))
 
 
-def _num_slots(binary_masks: tf.Tensor):
+def _num_slots(masks: tf.Tensor):
   """Slot count, static when known (keeps segment counts XLA-friendly)."""
-  static = binary_masks.shape[-1]
-  return static if static is not None else tf.shape(binary_masks)[-1]
+  static = masks.shape[-1]
+  return static if static is not None else tf.shape(masks)[-1]
 
 
 def _passes_area_limit(segment_ids: tf.Tensor, num_segments: int,
@@ -223,10 +362,18 @@ def maskwise_panoptic_inference(
   batch, height, width = shape[0], shape[1], shape[2]
   upsampled = tf.reshape(upsampled, [batch, height * width, -1])  # [B, P, N]
   probs = tf.nn.softmax(upsampled, axis=-1)
-  binary_masks = masks_in_rank_order(
-      probs > options.pixel_confidence_threshold, rank_to_slot)  # [B, P, N]
-  canvas = paste_masks_in_order(binary_masks, pasteable,
-                                options.overlapping_threshold)  # [B, P]
+  if uses_two_claim_paste(options.pixel_confidence_threshold, num_slots):
+    top_probs, claim_slots = tf.math.top_k(probs, k=2)  # [B, P, 2]
+    pixel_confidence = top_probs[..., 0]  # = max over the slots
+    canvas = paste_two_claim_masks(
+        claim_slots, top_probs > options.pixel_confidence_threshold,
+        rank_to_slot, pasteable, options.overlapping_threshold)  # [B, P]
+  else:
+    pixel_confidence = tf.reduce_max(probs, axis=-1)  # [B, P]
+    binary_masks = masks_in_rank_order(
+        probs > options.pixel_confidence_threshold, rank_to_slot)  # [B, P, N]
+    canvas = paste_masks_in_order(binary_masks, pasteable,
+                                  options.overlapping_threshold)  # [B, P]
 
   semantic_ids = tf.constant(label_space.semantic_ids, tf.int32)
   assigned = canvas > 0
@@ -240,7 +387,7 @@ def maskwise_panoptic_inference(
   # Things are counted per instance, stuff per class (slots of one stuff class
   # merge into a single segment).
   thing_kept = tf.logical_and(is_thing, _passes_area_limit(
-      tf.where(is_thing, canvas, 0), _num_slots(binary_masks) + 1,
+      tf.where(is_thing, canvas, 0), _num_slots(mask_logits) + 1,
       options.thing_area_limit))
   stuff_kept = tf.logical_and(is_stuff, _passes_area_limit(
       tf.where(is_stuff, owner_class + 1, 0),
@@ -258,7 +405,7 @@ def maskwise_panoptic_inference(
 
   detected = has_detection[:, tf.newaxis]
   maskwise_semantic = tf.where(detected, owner_semantic, 0)
-  instance_scores = tf.where(detected, tf.reduce_max(probs, axis=-1), 0.0)
+  instance_scores = tf.where(detected, pixel_confidence, 0.0)
 
   # Threshold-free semantic prediction: pixel -> best slot -> its class.
   best_slot = tf.argmax(upsampled, axis=-1, output_type=tf.int32)  # [B, P]
@@ -294,14 +441,6 @@ class MaskWisePostProcessor(tf_keras.layers.Layer):
   def __init__(self,
                label_space: Union[label_space_lib.LabelSpace,
                                   Mapping[str, Any]],
-               pixel_confidence_threshold: float = 0.4,
-               thing_confidence_threshold: float = 0.7,
-               stuff_confidence_threshold: float = 0.5,
-               overlapping_threshold: float = 0.8,
-               reorder_class_weight: float = 1.0,
-               reorder_mask_weight: float = 1.0,
-               thing_area_limit: int = 0,
-               stuff_area_limit: int = 0,
                output_size: Optional[Sequence[int]] = None,
                name: str = 'post_processor',
                **kwargs):
@@ -310,35 +449,21 @@ class MaskWisePostProcessor(tf_keras.layers.Layer):
     Args:
       label_space: the dataset's `LabelSpace` (or its fields, as
         `get_config` writes them): class-head order, void id, divisor.
-      pixel_confidence_threshold: mask probability above which a slot claims
-        a pixel.
-      thing_confidence_threshold: minimum class confidence of a thing slot.
-      stuff_confidence_threshold: minimum class confidence of a stuff slot.
-      overlapping_threshold: a mask is dropped unless more than this fraction
-        of it is unclaimed by higher-ranked masks.
-      reorder_class_weight: exponent of class confidence in the ranking.
-      reorder_mask_weight: exponent of mask quality in the ranking.
-      thing_area_limit: minimum instance area in output pixels (0 = off).
-      stuff_area_limit: minimum stuff-class area in output pixels (0 = off).
       output_size: default (H, W) when `call` gets none.
       name: layer name.
-      **kwargs: other Keras layer arguments.
+      **kwargs: any `MaskWiseOptions` field by name (unset ones take its
+        defaults, the proto's), then other Keras layer arguments.
     """
+    options = {field.name: field.type(kwargs.pop(field.name))
+               for field in dataclasses.fields(MaskWiseOptions)
+               if field.name in kwargs}
     # The merge runs in float32 under any mixed-precision policy.
     kwargs.setdefault('dtype', 'float32')
     super().__init__(name=name, **kwargs)  # Keras layer arguments.
     if isinstance(label_space, Mapping):
       label_space = label_space_lib.LabelSpace(**label_space)
     self._label_space = label_space
-    self._options = MaskWiseOptions(
-        pixel_confidence_threshold=float(pixel_confidence_threshold),
-        thing_confidence_threshold=float(thing_confidence_threshold),
-        stuff_confidence_threshold=float(stuff_confidence_threshold),
-        overlapping_threshold=float(overlapping_threshold),
-        reorder_class_weight=float(reorder_class_weight),
-        reorder_mask_weight=float(reorder_mask_weight),
-        thing_area_limit=int(thing_area_limit),
-        stuff_area_limit=int(stuff_area_limit))
+    self._options = MaskWiseOptions(**options)
     if output_size is not None and len(output_size) != 2:
       raise ValueError(f'output_size must be (height, width), got '
                        f'{output_size}.')
@@ -357,22 +482,8 @@ class MaskWisePostProcessor(tf_keras.layers.Layer):
     if mode != 'maskwise':
       raise ValueError('Only transformer_post_processing "maskwise" is '
                        f'implemented, got {mode!r}.')
-    maskwise = evaluator_options.maskwise_postprocessing
-    return cls(
-        label_space=label_space,
-        pixel_confidence_threshold=(
-            evaluator_options.pixel_confidence_threshold),
-        thing_confidence_threshold=(
-            maskwise.transformer_class_confidence_threshold_thing),
-        stuff_confidence_threshold=(
-            maskwise.transformer_class_confidence_threshold_stuff),
-        overlapping_threshold=maskwise.overlapping_threshold,
-        reorder_class_weight=maskwise.reorder_class_weight,
-        reorder_mask_weight=maskwise.reorder_mask_weight,
-        thing_area_limit=evaluator_options.thing_area_limit,
-        stuff_area_limit=evaluator_options.stuff_area_limit,
-        output_size=output_size,
-        **kwargs)
+    return cls(label_space=label_space, output_size=output_size,
+               **_options_of(evaluator_options), **kwargs)
 
   @property
   def options(self) -> MaskWiseOptions:

@@ -68,6 +68,7 @@ from PIL import UnidentifiedImageError
 
 from deeplab_kmax import cli_errors
 from deeplab_kmax import keys
+from deeplab_kmax import model_source_flags
 from deeplab_kmax import temp_files
 from deeplab_kmax import visualization
 from deeplab_kmax.data import coco_panoptic
@@ -392,23 +393,18 @@ def predict_files(predictor: Predictor, files: Sequence[str], output_dir: str,
   return len(annotations), failed
 
 
+# The exported-model flags (name -> help); one of them or --config_file.
+_EXPORTED_MODEL_FLAGS = {
+    'saved_model': 'SavedModel directory written by export_model.py.',
+    'onnx_model': 'ONNX file written by export_model.py --onnx_path.',
+    'tflite_model': 'TFLite file written by export_model.py --tflite_path.',
+}
+
+
 def _define_flags() -> None:
   """Defines the flags; only when run as a program, so imports stay free of
   side effects (and of clashes with other tools' flags)."""
-  flags.DEFINE_string('saved_model', None,
-                      'SavedModel directory written by export_model.py.')
-  flags.DEFINE_string('onnx_model', None,
-                      'ONNX file written by export_model.py --onnx_path.')
-  flags.DEFINE_string('tflite_model', None,
-                      'TFLite file written by export_model.py --tflite_path.')
-  flags.DEFINE_string('config_file', None,
-                      'Experiment config, with --checkpoint_path, instead of '
-                      'an exported model.')
-  flags.DEFINE_string('checkpoint_path', None,
-                      'Checkpoint (prefix or directory) for --config_file.')
-  flags.DEFINE_multi_string('config_override', [],
-                            'FIELD.PATH=VALUE config overrides (or textproto '
-                            'snippets). Repeatable.')
+  model_source_flags.define_flags(_EXPORTED_MODEL_FLAGS, 'an exported model')
   flags.DEFINE_list('inputs', None, 'Image files or glob patterns '
                     '(comma-separated, quote them in the shell).')
   flags.DEFINE_string('output_dir', None, 'Directory for the results.')
@@ -424,20 +420,17 @@ def _define_flags() -> None:
 
 
 def _predictor_from_flags(values) -> Predictor:
-  sources = [bool(values.saved_model), bool(values.onnx_model),
-             bool(values.tflite_model), bool(values.config_file)]
-  if sum(sources) != 1:
-    raise app.UsageError('Give exactly one of --saved_model, --onnx_model, '
-                         '--tflite_model or --config_file (with '
-                         '--checkpoint_path).')
-  if values.saved_model:
-    return saved_model_predictor(values.saved_model)
-  if values.onnx_model:
-    return onnx_predictor(values.onnx_model)
-  if values.tflite_model:
-    return tflite_predictor(values.tflite_model)
-  if not values.checkpoint_path:
-    raise app.UsageError('--config_file needs --checkpoint_path.')
+  names = [*_EXPORTED_MODEL_FLAGS, model_source_flags.CONFIG_FILE]
+  try:
+    source = model_source_flags.chosen_source(
+        {name: getattr(values, name) for name in names},
+        values.checkpoint_path)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  exported = {'saved_model': saved_model_predictor,
+              'onnx_model': onnx_predictor, 'tflite_model': tflite_predictor}
+  if source in exported:
+    return exported[source](getattr(values, source))
   from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load_experiment(values.config_file,
                                      values.config_override or (),

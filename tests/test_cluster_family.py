@@ -18,20 +18,14 @@ from deeplab_kmax import config as config_lib
 from deeplab_kmax import keys
 from deeplab_kmax import model as model_lib
 from deeplab_kmax.data import demo_dataset
+from deeplab_kmax.layers import cluster_options
 from deeplab_kmax.testing import reference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / 'configs' / 'demo' / 'kmax_demo.textproto'
 PREFIX = 'model_options.max_deeplab'
 # Variant -> the clustering-family fields its configs set.
-VARIANTS = {
-    'cluster_softmax': {'pixel_cluster_interaction': 'cluster_softmax'},
-    'spatial_softmax': {'pixel_cluster_interaction': 'spatial_softmax'},
-    'cmt': {'cluster_decoder': 'cmt',
-            'pixel_cluster_interaction': 'cluster_softmax'},
-    'clusterformer': {'cluster_decoder': 'clusterformer',
-                      'clusterformer_iterations': 3},
-}
+VARIANTS = cluster_options.VARIANTS
 # Variables a variant adds to kMaX's (name fragments of checkpoint keys).
 NEW_VARIABLES = {
     'cluster_softmax': (),

@@ -17,15 +17,6 @@ HEAD_PREFIXES = ('pixel_space_head/', 'transformer_mask_head/',
                  'semantic_head_without_last_layer/', 'semantic_last_layer/')
 
 
-def _assert_close_to_golden(actual, golden, what, rtol=1e-5):
-  actual = np.asarray(actual)
-  assert actual.shape == golden.shape, what
-  scale = np.abs(golden).max()
-  diff = np.abs(actual - golden).max()
-  assert diff <= rtol * scale, (
-      f'{what}: max abs diff {diff:.3g} > {rtol:g} x absmax {scale:.3g}')
-
-
 def _random_inputs(panoptic_hw, panoptic_channels, num_slots, batch=1, seed=0,
                    semantic_hw=(5, 5)):
   rng = np.random.default_rng(seed)
@@ -113,14 +104,15 @@ def test_cityscapes_checkpoint_keys_match_manifest(reference_dir):
 def test_outputs_match_golden(coco_head, golden, golden_features, name):
   _, forward = golden
   outputs = coco_head(golden_features, training=False)
-  _assert_close_to_golden(outputs[name], forward[name], name)
+  reference.assert_close_to_golden(outputs[name], forward[name], name)
 
 
 def test_semantic_decoder_matches_golden(coco_head, golden, golden_features):
   endpoints, _ = golden
-  _assert_close_to_golden(coco_head.semantic_decoder(golden_features),
-                          endpoints['predictor/semantic_decoder/output'],
-                          'semantic decoder output')
+  reference.assert_close_to_golden(
+      coco_head.semantic_decoder(golden_features),
+      endpoints['predictor/semantic_decoder/output'],
+      'semantic decoder output')
 
 
 def test_encoder_stage_keys_are_relu_d_for_low_level(coco_head, golden,

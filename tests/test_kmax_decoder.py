@@ -16,7 +16,6 @@ import tensorflow as tf
 from deeplab_kmax import kmax_decoder
 from deeplab_kmax.testing import reference
 
-RTOL_OF_ABSMAX = 1e-5
 AUX_KEYS = ('pixel_space_mask_logits', 'transformer_class_logits',
             'pixel_space_normalized_feature')
 
@@ -32,15 +31,6 @@ def _features(stage_sizes, output_size, output_channels, batch=1, seed=0):
   }
   return {k: tf.constant(rng.standard_normal((batch,) + s), tf.float32)
           for k, s in shapes.items()}
-
-
-def _assert_close_to_golden(actual, golden, what, rtol=RTOL_OF_ABSMAX):
-  actual = np.asarray(actual)
-  assert actual.shape == golden.shape, what
-  scale = np.abs(golden).max()
-  diff = np.abs(actual - golden).max()
-  assert diff <= rtol * scale, (
-      f'{what}: max abs diff {diff:.3g} > {rtol:g} x absmax {scale:.3g}')
 
 
 @pytest.fixture(scope='module')
@@ -105,13 +95,13 @@ def test_teacher_forced_block_matches_golden(coco_decoder, golden, index):
       tf.constant(endpoints['pixel_decoder/' + key]),
       tf.constant(endpoints[before]), training=False)
 
-  _assert_close_to_golden(
+  reference.assert_close_to_golden(
       centres, endpoints[f'transformer_decoder/cluster_centers_after_block'
                          f'{index}'], f'block {index} centres')
   for name in AUX_KEYS:
-    _assert_close_to_golden(aux[name],
-                            endpoints[f'transformer_decoder/aux{index}/{name}'],
-                            f'block {index} {name}')
+    reference.assert_close_to_golden(
+        aux[name], endpoints[f'transformer_decoder/aux{index}/{name}'],
+        f'block {index} {name}')
 
   # The k-means assignment: exact, except at DeepLab2's own near ties.
   ours = np.argmax(aux['pixel_space_mask_logits'], axis=-1)
@@ -130,10 +120,10 @@ def test_embeddings_of_golden_final_centres(coco_decoder, golden):
   endpoints, _ = golden
   final = endpoints['transformer_decoder/cluster_centers_after_block5']
   class_feature, mask_feature = coco_decoder.embed(tf.constant(final))
-  _assert_close_to_golden(
+  reference.assert_close_to_golden(
       class_feature, endpoints['transformer_decoder/transformer_class_feature'],
       'transformer_class_feature')
-  _assert_close_to_golden(
+  reference.assert_close_to_golden(
       mask_feature, endpoints['transformer_decoder/transformer_mask_feature'],
       'transformer_mask_feature')
 
@@ -151,20 +141,20 @@ def test_full_call_matches_block_replay_and_golden(coco_decoder, golden):
   for index, block in enumerate(coco_decoder.blocks):
     centres, aux = block(features[coco_decoder.block_feature_keys[index]],
                          centres)
-    _assert_close_to_golden(
+    reference.assert_close_to_golden(
         outputs['auxiliary_outputs_pred'][index]['pixel_space_mask_logits'],
         aux['pixel_space_mask_logits'].numpy(), f'replayed block {index}',
         rtol=1e-6)
   class_feature, _ = coco_decoder.embed(centres)
-  _assert_close_to_golden(outputs['transformer_class_feature'],
-                          class_feature.numpy(), 'replayed class feature',
-                          rtol=1e-6)
+  reference.assert_close_to_golden(
+      outputs['transformer_class_feature'], class_feature.numpy(),
+      'replayed class feature', rtol=1e-6)
 
   # End to end the golden transformer path is fragile (see README): loose.
   for name in ('transformer_class_feature', 'transformer_mask_feature'):
-    _assert_close_to_golden(outputs[name],
-                            endpoints['transformer_decoder/' + name],
-                            name, rtol=1e-2)
+    reference.assert_close_to_golden(
+        outputs[name], endpoints['transformer_decoder/' + name], name,
+        rtol=1e-2)
   assert outputs['feature_panoptic'] is features['decoder_output']
   assert outputs['feature_semantic'] is features['stage5']
   assert len(outputs['auxiliary_outputs_pred']) == 6
@@ -208,12 +198,13 @@ def test_non_square_crop_and_dynamic_batch(coco_decoder):
     alone_centres, alone_aux = block(single[key], alone_centres,
                                      training=False)
     batched_centres, _ = block(features[key], batched_centres, training=False)
-    _assert_close_to_golden(forced_out[1:], alone_centres.numpy(),
-                            f'block {index} centres', rtol=1e-5)
+    reference.assert_close_to_golden(
+        forced_out[1:], alone_centres.numpy(), f'block {index} centres',
+        rtol=1e-5)
     alone_logits = alone_aux['pixel_space_mask_logits'].numpy()
     forced_logits = forced_aux['pixel_space_mask_logits'][1:].numpy()
-    _assert_close_to_golden(forced_logits, alone_logits,
-                            f'block {index} mask logits', rtol=1e-5)
+    reference.assert_close_to_golden(
+        forced_logits, alone_logits, f'block {index} mask logits', rtol=1e-5)
     # The assignments are discrete: exact, as no pixel is near a tie here.
     top2 = np.sort(alone_logits, -1)[..., -2:]
     assert (top2[..., 1] - top2[..., 0]).min() > 1e-5 * np.abs(
@@ -227,8 +218,8 @@ def test_non_square_crop_and_dynamic_batch(coco_decoder):
   # without any assignment changing. Loose, as for the golden.
   alone = fn(single)['transformer_mask_feature'][0].numpy()
   batched = outputs['transformer_mask_feature'][1].numpy()
-  _assert_close_to_golden(batched, alone, 'end-to-end mask feature',
-                          rtol=1e-3)
+  reference.assert_close_to_golden(batched, alone,
+                                   'end-to-end mask feature', rtol=1e-3)
 
 
 def test_missing_features_raise(coco_decoder):

@@ -5,7 +5,8 @@ virtualenv (`--system-site-packages`, so TensorFlow is not reinstalled; the
 wheel itself with --no-deps), and from a directory outside the checkout
 trains the demo model for two steps on a tiny generated dataset with
 `kmax-train --config_file=demo/kmax_demo`, then exports it with
-`kmax-export`. Slow: about two minutes on two cores.
+`kmax-export`; `kmax-predict` and `kmax-app` must print their help. Slow:
+about two minutes on two cores.
 """
 
 import glob
@@ -95,20 +96,20 @@ def test_wheel_console_scripts_train_and_export(tmp_path):
         '-q', wheels[0]], outside, env)
   env['PATH'] = f'{bin_dir}{os.pathsep}{env.get("PATH", "")}'
 
-  # The package and its configs come from the venv, not the checkout.
-  probe = _run([python, '-c', textwrap.dedent('''
+  # The package and its configs come from the venv, not the checkout; the
+  # same process writes the tiny dataset (one TensorFlow start-up for both).
+  data = tmp_path / 'demo_data'
+  probe = _run([python, '-c', textwrap.dedent(f'''
       import deeplab_kmax
       from deeplab_kmax.config import loader
+      from deeplab_kmax.data import demo_dataset
       print(deeplab_kmax.__file__)
       print(loader.resolve_config_path('demo/kmax_demo'))
+      demo_dataset.build({str(data)!r}, num_train=4, num_val=2, num_shards=1)
       ''')], outside, env).stdout.split()
   assert probe[0].startswith(str(venv)), probe
   assert probe[1].startswith(str(venv)), probe
 
-  data = tmp_path / 'demo_data'
-  _run([python, '-c', 'from deeplab_kmax.data import demo_dataset; '
-        f'demo_dataset.build({str(data)!r}, num_train=4, num_val=2, '
-        'num_shards=1)'], outside, env)
   env['DEMO_DIR'] = str(data)
   model_dir = tmp_path / 'model'
   _run(['kmax-train', '--config_file=demo/kmax_demo', '--mode=train',
@@ -128,3 +129,12 @@ def test_wheel_console_scripts_train_and_export(tmp_path):
                             env=env, capture_output=True, text=True,
                             timeout=300, check=False)
   assert '--tflite_model' in help_run.stdout, help_run.stderr[-3000:]
+  # The page's console script is installed too (absl prints the help and
+  # exits; no Gradio server starts). --helpfull: the console script's own
+  # module defines no flags, so --help lists none of the app's.
+  app_help = subprocess.run(['kmax-app', '--helpfull'], cwd=outside, env=env,
+                            capture_output=True, text=True, timeout=300,
+                            check=False)
+  assert shutil.which('kmax-app', path=env['PATH']).startswith(str(venv))
+  assert '--saved_model' in app_help.stdout, (app_help.stdout[-3000:],
+                                              app_help.stderr[-3000:])

@@ -425,6 +425,23 @@ def test_config_round_trip_and_from_options():
     np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
 
 
+def test_defaults_are_the_protos():
+  """The dataclass and the layer default to what an unset config gives."""
+  from_proto = pp.MaskWisePostProcessor.from_options(
+      evaluator_pb2.EvaluatorOptions(transformer_post_processing='maskwise'),
+      dataset_info.CITYSCAPES_PANOPTIC.label_space).options
+  assert pp.MaskWiseOptions() == from_proto
+  layer = pp.MaskWisePostProcessor(
+      dataset_info.CITYSCAPES_PANOPTIC.label_space)
+  assert layer.options == from_proto
+  # DeepLab2's values, to float32 rounding.
+  assert dataclasses.asdict(from_proto) == pytest.approx(dict(
+      pixel_confidence_threshold=0.4, thing_confidence_threshold=0.7,
+      stuff_confidence_threshold=0.7, overlapping_threshold=0.5,
+      reorder_class_weight=1.0, reorder_mask_weight=0.0,
+      thing_area_limit=0, stuff_area_limit=0), rel=1e-7)
+
+
 def test_label_space_orders_things_first():
   space = label_space.LabelSpace(19, 255, 1000, _CITYSCAPES_THINGS)
   assert space.semantic_ids == _CITYSCAPES_THINGS + _CITYSCAPES_STUFF
@@ -450,3 +467,37 @@ def test_bad_inputs_raise_clear_errors():
         dataset_info.CITYSCAPES_PANOPTIC.label_space)
   with pytest.raises(ValueError, match='distinct'):
     label_space.LabelSpace(4, 0, 256, (1, 2, 2))
+
+
+def test_two_claim_paste_is_taken_only_where_it_is_exact():
+  assert pp.uses_two_claim_paste(0.4, 128)
+  assert not pp.uses_two_claim_paste(0.3, 128)  # three slots may claim
+  assert not pp.uses_two_claim_paste(0.4, None)  # slot count unknown
+  assert not pp.uses_two_claim_paste(0.4, 1)
+
+
+@pytest.mark.parametrize('overlapping_threshold', [0.0, 0.5, 0.8, 0.95])
+def test_two_claim_paste_equals_the_dense_paste(overlapping_threshold):
+  """The count-based paste gives the dense loop's canvas, bit for bit, on
+  masks with many two-slot overlaps (blobby logits, batch of two)."""
+  rng = np.random.default_rng(int(overlapping_threshold * 100))
+  coarse = rng.standard_normal((2, 4, 5, 24)).astype(np.float32) * 4
+  probs = tf.nn.softmax(resize.bilinear(coarse, (31, 41)) + 0.3 *
+                        rng.standard_normal((2, 31, 41, 24)).astype(
+                            np.float32))
+  probs = tf.reshape(probs, [2, -1, 24])
+  rank_to_slot = tf.constant(
+      np.stack([rng.permutation(24) for _ in range(2)]), tf.int32)
+  pasteable = tf.constant(rng.random((2, 24)) > 0.2)
+  claims = probs > 0.4
+  dense = pp.paste_masks_in_order(
+      pp.masks_in_rank_order(claims, rank_to_slot), pasteable,
+      overlapping_threshold)
+  top_probs, claim_slots = tf.math.top_k(probs, k=2)
+  two_claim = pp.paste_two_claim_masks(claim_slots, top_probs > 0.4,
+                                       rank_to_slot, pasteable,
+                                       overlapping_threshold)
+  # The case has real overlaps, and some masks lose to them.
+  assert np.sum(np.sum(claims.numpy(), axis=-1) == 2) > 20
+  np.testing.assert_array_equal(two_claim.numpy(), dense.numpy())
+  assert len(np.unique(dense.numpy())) > 5

@@ -7,7 +7,9 @@ do with crowd segments; only the defaults differ.
 
 import dataclasses
 import os
+from typing import Any, Callable, List, Mapping
 
+from absl import app
 from absl import flags
 
 
@@ -19,6 +21,37 @@ class ConverterFlags:
   splits: flags.FlagHolder
   num_workers: flags.FlagHolder
   treat_crowd_as_ignore: flags.FlagHolder
+
+  def splits_to_convert(self, image_folders: Mapping[str, str]) -> List[str]:
+    """--splits, or else every split whose image folder (split -> path
+    under the root) exists; a usage error when that leaves none."""
+    root = self.root.value
+    splits = self.splits.value or [
+        split for split, folder in image_folders.items()
+        if os.path.isdir(os.path.join(root, folder))]
+    if not splits:
+      folders = ', '.join(image_folders.values())
+      raise app.UsageError(f'No split folder ({folders}) under {root}.')
+    return splits
+
+  def convert_splits(self, image_folders: Mapping[str, str],
+                     tasks_of: Callable[[str, str], list],
+                     label_spec: Callable[..., Any]) -> None:
+    """A converter's whole run: finds the splits, lists each split's
+    `tasks_of(root, split)` and converts them with
+    `label_spec(treat_crowd_as_ignore=...)`."""
+    root = self.root.value
+    splits = self.splits_to_convert(image_folders)
+    spec = label_spec(treat_crowd_as_ignore=self.treat_crowd_as_ignore.value)
+    self.convert({split: tasks_of(root, split) for split in splits}, spec)
+
+  def run(self, main: Callable[[List[str]], Any]) -> None:
+    """Runs a converter's `main` with the root and output flags required;
+    conversion errors are reported as messages."""
+    from deeplab_kmax import cli_errors  # pylint: disable=g-import-not-at-top
+    from deeplab_kmax.data import panoptic_conversion  # pylint: disable=g-import-not-at-top
+    flags.mark_flags_as_required([self.root.name, self.output_dir.name])
+    cli_errors.run(main, expected=(panoptic_conversion.ConversionError,))
 
   def convert(self, tasks, spec) -> None:
     """Writes every split's shards (`panoptic_conversion.write_splits`)
@@ -52,6 +85,3 @@ def define_converter_flags(root_flag: str, root_help: str,
           'Label crowd thing segments as void (DeepLab2 default).'),
   )
 
-
-def mark_required(common: ConverterFlags) -> None:
-  flags.mark_flags_as_required([common.root.name, common.output_dir.name])

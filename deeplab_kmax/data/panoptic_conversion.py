@@ -460,11 +460,6 @@ def coco_split_paths(coco_root: str, split: str
           os.path.join(annotations, f'panoptic_{split}2017'))
 
 
-def existing_coco_splits(coco_root: str) -> List[str]:
-  return [split for split, folder in COCO_SPLIT_FOLDERS.items()
-          if os.path.isdir(os.path.join(coco_root, folder))]
-
-
 def convert_coco_panoptic(coco_root: str, output_dir: str,
                           splits: Sequence[str], num_shards: int,
                           info: dataset_info_lib.DatasetInfo,

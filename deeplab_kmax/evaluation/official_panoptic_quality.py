@@ -44,7 +44,7 @@ What it cannot reproduce, because the label maps lack the information:
   checks that they equal the PNG's, which is what is used here.
 """
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -78,28 +78,14 @@ def official_ground_truth(gt_panoptic: np.ndarray, ignore_label: int,
   return gt, is_crowd
 
 
-class OfficialPanopticQuality:
+class OfficialPanopticQuality(panoptic_quality.PanopticQuality):
   """Streaming PQ with the official script's void and crowd rules.
 
-  Same interface and result type as `PanopticQuality`; `update` takes only
-  the two maps because crowd regions are read from the ground truth.
+  Same constructor and result type as `PanopticQuality`, whose matching, IoU
+  and false-positive rule given a crowd map are the COCO API's; this class
+  only decides what is void and crowd, so `update` takes the two maps and
+  reads crowd regions from the ground truth.
   """
-
-  def __init__(self,
-               num_classes: int,
-               ignore_label: int,
-               label_divisor: int,
-               thing_class_ids: Sequence[int] = (),
-               offset: Optional[int] = None):
-    self._ignore_label = int(ignore_label)
-    self._label_divisor = int(label_divisor)
-    self._thing_class_ids = tuple(int(c) for c in thing_class_ids)
-    # Matching, IoU and the false-positive rule given a crowd map are the
-    # COCO API's in `PanopticQuality`; this class decides what is void/crowd.
-    self._metric = panoptic_quality.PanopticQuality(
-        num_classes, ignore_label, label_divisor,
-        thing_class_ids=thing_class_ids, offset=offset)
-    self._num_crowd_pixels = 0
 
   @property
   def num_crowd_pixels(self) -> int:
@@ -107,16 +93,14 @@ class OfficialPanopticQuality:
     return self._num_crowd_pixels
 
   def reset(self) -> None:
-    self._metric.reset()
+    super().reset()
     self._num_crowd_pixels = 0
 
-  def update(self, gt_panoptic: np.ndarray, pred_panoptic: np.ndarray) -> None:
+  def update(self, gt_panoptic: np.ndarray,  # pylint: disable=arguments-differ
+             pred_panoptic: np.ndarray) -> None:
     """Adds one image [H, W] or a batch [B, H, W]."""
     gt, is_crowd = official_ground_truth(
         gt_panoptic, self._ignore_label, self._label_divisor,
         self._thing_class_ids)
-    self._metric.update(gt, pred_panoptic, is_crowd)
+    super().update(gt, pred_panoptic, is_crowd)
     self._num_crowd_pixels += int(is_crowd.sum())
-
-  def result(self) -> panoptic_quality.PanopticQualityResult:
-    return self._metric.result()

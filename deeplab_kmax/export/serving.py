@@ -31,8 +31,14 @@ Outputs (all at the input resolution, one map per image):
 float32, far too much for a REST response; the marginal of any class can be
 computed from the raw logits (`predict_raw`) when needed.
 
-The network runs once per batch through one traced function (`network`) that
-every signature calls, so the SavedModel holds the heavy graph only once.
+The network runs once per batch through one traced function
+(`network_logits`) that every signature calls, so the SavedModel holds the
+heavy graph only once. Besides the maps, the `serving_logits` signature gives
+that function's outputs for one image (mask logits [h, w, N] at the output
+stride and class logits [N, C + 1] on the padded crop, and the [2] size of the
+image part of the crop), so a client can re-run the mask-wise merge with other
+thresholds (`maps_from_logits`, then `undo_eval_preprocessing`), as the
+try-a-model page does.
 """
 
 import dataclasses
@@ -54,6 +60,9 @@ NEAREST_OUTPUTS = (keys.PANOPTIC_PRED, keys.SEMANTIC_PRED, keys.INSTANCE_PRED,
                    keys.INSTANCE_SCORES, keys.SEMANTIC_SCORES)
 BILINEAR_OUTPUTS = (keys.SEMANTIC_PROBS,)
 OUTPUT_KEYS = NEAREST_OUTPUTS + BILINEAR_OUTPUTS
+# What the network gives the mask-wise merge; with the resized size, the
+# outputs of the `serving_logits` signature.
+LOGITS_KEYS = (keys.PIXEL_SPACE_MASK_LOGITS, keys.TRANSFORMER_CLASS_LOGITS)
 
 METADATA_FILENAME = 'kmax_serving_metadata.json'
 METADATA_VERSION = 1
@@ -179,23 +188,40 @@ def semantic_class_probability(
   return resize.bilinear_lookup(marginal, class_index)
 
 
-def network_maps(model, padded_images: tf.Tensor) -> Dict[str, tf.Tensor]:
-  """Network + mask-wise merge on padded crops: the output maps at the crop
-  size (the SavedModel and TFLite graphs both run this).
+def network_logits(model, padded_images: tf.Tensor) -> Dict[str, tf.Tensor]:
+  """The network alone on padded crops: float32 mask logits [B, h, w, N] at
+  the output stride and class logits [B, N, C + 1] (`LOGITS_KEYS`), all the
+  mask-wise merge needs."""
+  raw = precision.to_float32(model.predict_raw(
+      tf.convert_to_tensor(padded_images, tf.float32), training=False))
+  return {key: raw[key] for key in LOGITS_KEYS}
+
+
+def maps_from_logits(post_processor, logits: Mapping[str, tf.Tensor],
+                     crop_size) -> Dict[str, tf.Tensor]:
+  """Mask-wise merge of `network_logits`: the output maps [B, crop_h,
+  crop_w]. Any `MaskWisePostProcessor` will do, so a client holding the
+  logits can re-run the merge with other thresholds.
 
   `semantic_probs` reads the class marginal at the class-head index that
   post-processing picked for `semantic_pred`.
   """
-  raw = precision.to_float32(model.predict_raw(
-      tf.convert_to_tensor(padded_images, tf.float32), training=False))
-  outputs = model.post_processor(
-      raw[keys.PIXEL_SPACE_MASK_LOGITS], raw[keys.TRANSFORMER_CLASS_LOGITS],
-      output_size=tf.shape(padded_images)[1:3], with_class_index=True)
+  mask_logits = logits[keys.PIXEL_SPACE_MASK_LOGITS]
+  class_logits = logits[keys.TRANSFORMER_CLASS_LOGITS]
+  outputs = post_processor(mask_logits, class_logits, output_size=crop_size,
+                           with_class_index=True)
   maps = {key: outputs[key] for key in NEAREST_OUTPUTS}
   maps[keys.SEMANTIC_PROBS] = semantic_class_probability(
-      raw[keys.PIXEL_SPACE_MASK_LOGITS], raw[keys.TRANSFORMER_CLASS_LOGITS],
-      outputs[keys.SEMANTIC_CLASS_INDEX])
+      mask_logits, class_logits, outputs[keys.SEMANTIC_CLASS_INDEX])
   return maps
+
+
+def network_maps(model, padded_images: tf.Tensor) -> Dict[str, tf.Tensor]:
+  """Network + mask-wise merge on padded crops: the output maps at the crop
+  size (the ONNX and TFLite graphs hold this)."""
+  return maps_from_logits(model.post_processor,
+                          network_logits(model, padded_images),
+                          tf.shape(padded_images)[1:3])
 
 
 def predict_around_crops(
@@ -310,6 +336,8 @@ class PanopticServingModule(tf.Module):
       (one size per batch, like any tensor)
     serving_encoded(image_bytes: string []) -> maps [H, W]
       (a JPEG/PNG/BMP/GIF/WebP file, decoded by `decode_image_file`)
+    serving_logits(image: uint8 [H, W, 3]) -> pixel_space_mask_logits,
+      transformer_class_logits, resized_size (no merge)
   """
 
   def __init__(self, model, info: dataset_info_lib.DatasetInfo,
@@ -325,11 +353,14 @@ class PanopticServingModule(tf.Module):
     self.model_variables = list(model.variables)
     self._metadata = _Untracked(dict(metadata or {}))
     crop_h, crop_w = eval_preprocessing.crop_size
-    self.network = tf.function(
-        self._network,
-        input_signature=[tf.TensorSpec([None, crop_h, crop_w, 3], tf.float32,
-                                       name=keys.INPUT_PADDED_IMAGES)],
-        jit_compile=jit_compile)  # XLA: network and mask-wise merge.
+    padded_spec = tf.TensorSpec([None, crop_h, crop_w, 3], tf.float32,
+                                name=keys.INPUT_PADDED_IMAGES)
+    # XLA (jit_compile): network and mask-wise merge.
+    self.network_logits = tf.function(
+        self._network_logits, input_signature=[padded_spec],
+        jit_compile=jit_compile)
+    self.network = tf.function(self._network, input_signature=[padded_spec],
+                               jit_compile=jit_compile)
 
   @property
   def model(self):
@@ -361,6 +392,18 @@ class PanopticServingModule(tf.Module):
                 keys.INPUT_IMAGES: 'uint8 [B, H, W, 3]'}},
             keys.SIGNATURE_ENCODED: {keys.METADATA_INPUTS: {
                 keys.INPUT_ENCODED: 'string [] (encoded image file)'}},
+            keys.SIGNATURE_LOGITS: {
+                keys.METADATA_INPUTS: {keys.INPUT_IMAGE: 'uint8 [H, W, 3]'},
+                keys.METADATA_OUTPUTS: {
+                    keys.PIXEL_SPACE_MASK_LOGITS:
+                        'float32 [h, w, N], mask logits on the padded crop '
+                        'at the output stride',
+                    keys.TRANSFORMER_CLASS_LOGITS:
+                        'float32 [N, C + 1], class logits, void last',
+                    keys.RESIZED_SIZE:
+                        'int32 [2], size of the image part (top-left) of '
+                        'the crop',
+                }},
         },
         keys.METADATA_OUTPUTS: {
             keys.PANOPTIC_PRED: 'int32, semantic * label_divisor + instance',
@@ -379,9 +422,15 @@ class PanopticServingModule(tf.Module):
   def metadata_json(self) -> str:
     return json.dumps(self.metadata, indent=1, sort_keys=True)
 
+  def _network_logits(self, padded_images: tf.Tensor
+                      ) -> Dict[str, tf.Tensor]:
+    return network_logits(self._model.value, padded_images)
+
   def _network(self, padded_images: tf.Tensor) -> Dict[str, tf.Tensor]:
     """Network + mask-wise merge on padded crops; maps at the crop size."""
-    return network_maps(self._model.value, padded_images)
+    return maps_from_logits(self._model.value.post_processor,
+                            self.network_logits(padded_images),
+                            tf.shape(padded_images)[1:3])
 
   def predict_batch(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
     """uint8 [B, H, W, 3] -> output maps [B, H, W] (traced by signatures)."""
@@ -410,12 +459,25 @@ class PanopticServingModule(tf.Module):
     maps = self.predict_batch(image[tf.newaxis])
     return {key: value[0] for key, value in maps.items()}
 
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, None, None], tf.uint8, name=keys.INPUT_IMAGE)])
+  def serve_logits(self, image):
+    """uint8 [H, W, 3] -> the network's logits on its padded crop and the
+    resized size (see the module docstring): the merge left to the caller."""
+    images = _check_images(image[tf.newaxis])
+    padded, resized_size = self._preprocessing.value(images)
+    outputs = {key: value[0]
+               for key, value in self.network_logits(padded).items()}
+    outputs[keys.RESIZED_SIZE] = resized_size
+    return outputs
+
   def signatures(self) -> Dict[str, Any]:
     """The concrete functions to export, keyed by signature name."""
     return {
         keys.SIGNATURE_IMAGE: self.serve_image.get_concrete_function(),
         keys.SIGNATURE_BATCH: self.serve_batch.get_concrete_function(),
         keys.SIGNATURE_ENCODED: self.serve_encoded.get_concrete_function(),
+        keys.SIGNATURE_LOGITS: self.serve_logits.get_concrete_function(),
     }
 
 

@@ -84,12 +84,8 @@ class CMTTransformerLayer(kmeans_cross_attention.KMaXTransformerLayer):
                            training=False) -> Tuple[tf.Tensor, tf.Tensor]:
     clustering, _ = super().pixel_cluster_update(
         mask_logits, pixels, centers, pixel_value, training)  # [B, N, M]
-    retrieved, _ = cluster_assignment.spatial_softmax_attention(
-        self._cross_query_conv_bn(centers, training=training),
-        self._pixel_key_conv_bn(pixels, training=training),
-        pixel_value, self._num_heads)  # [B, N, V]
-    retrieved = self._cross_attention_batch_norm_retrieved_value(
-        retrieved, training=training)
-    cross_attention = self._cross_attention_conv3_bn(
-        retrieved, training=training)  # [B, N, M]
+    cross_attention = self.spatial_attention_update(
+        centers, pixels, pixel_value,
+        self._cross_attention_batch_norm_retrieved_value,
+        self._cross_attention_conv3_bn, training)  # [B, N, M]
     return clustering + cross_attention, centers

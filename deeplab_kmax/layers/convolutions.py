@@ -28,17 +28,44 @@ def symmetric_padding(kernel_size: int, dilation: int) -> Tuple[int, int]:
 
 
 class _ConvNormAct(tf_keras.layers.Layer):
-  """Shared tail: optional norm then optional activation."""
+  """A convolution (built by the subclass) with DeepLab's padding, then an
+  optional norm and activation.
 
-  def _init_tail(self, use_bn: bool, bn_layer: normalization.NormLayer,
-                 bn_axis: int, gamma_init: str,
-                 activation: Optional[str]):
+  The subclass builds its convolution first and then calls `_init_tail`, so
+  the weights keep the order conv, norm.
+  """
+
+  def _init_padding(self, kernel_size: int, strides: int,
+                    atrous_rate: int) -> str:
+    """Keras padding for the convolution; strided ones get `_pad` first."""
+    self._padding = None
+    if strides != 1:
+      self._padding = symmetric_padding(kernel_size, atrous_rate)
+      return 'valid'
+    return 'same'
+
+  def _init_tail(self, use_bias: bool, use_bn: bool = False,
+                 bn_layer: normalization.NormLayer = (
+                     tf_keras.layers.BatchNormalization),
+                 gamma_init: str = 'ones',
+                 activation: Optional[str] = None,
+                 bn_axis: int = 3):
+    """The norm + activation options every convolution here takes."""
+    if use_bn and use_bias:
+      raise ValueError(f'{self.name}: a convolution followed by batch norm '
+                       'must not have a bias (use_bias and use_bn both set).')
     if use_bn:
       self._batch_norm = bn_layer(
           axis=bn_axis, name='batch_norm',
           gamma_initializer=gamma_init)
     self._use_bn = use_bn
     self._act = activations.get_activation(activation)
+
+  def _pad(self, x: tf.Tensor) -> tf.Tensor:
+    if self._padding is None:
+      return x
+    before, after = self._padding
+    return tf.pad(x, [[0, 0], [before, after], [before, after], [0, 0]])
 
   def _apply_tail(self, x: tf.Tensor, training) -> tf.Tensor:
     if self._use_bn:
@@ -49,7 +76,11 @@ class _ConvNormAct(tf_keras.layers.Layer):
 
 
 class Conv2DSame(_ConvNormAct):
-  """2-D convolution with symmetric padding, optional norm and activation."""
+  """2-D convolution with symmetric padding, optional norm and activation.
+
+  `norm_act` are `_ConvNormAct._init_tail`'s options: use_bn, bn_layer,
+  gamma_init, activation.
+  """
 
   def __init__(self,
                output_channels: int,
@@ -58,41 +89,27 @@ class Conv2DSame(_ConvNormAct):
                strides: int = 1,
                atrous_rate: int = 1,
                use_bias: bool = True,
-               use_bn: bool = False,
-               bn_layer: normalization.NormLayer = (
-                   tf_keras.layers.BatchNormalization),
-               gamma_init: str = 'ones',
-               activation: Optional[str] = None,
-               kernel_init='he_normal'):
+               kernel_init='he_normal',
+               **norm_act):
     super().__init__(name=name)
-    if use_bn and use_bias:
-      raise ValueError(f'{name}: a convolution followed by batch norm must '
-                       'not have a bias (use_bias and use_bn both set).')
-    self._strides = strides
-    self._padding = None
-    if strides != 1:
-      self._padding = symmetric_padding(kernel_size, atrous_rate)
     self._conv = tf_keras.layers.Conv2D(
         output_channels,
         kernel_size,
         strides=strides,
-        padding='same' if strides == 1 else 'valid',
+        padding=self._init_padding(kernel_size, strides, atrous_rate),
         use_bias=use_bias,
         dilation_rate=atrous_rate,
         kernel_initializer=kernel_init,
         name='conv')
-    self._init_tail(use_bn, bn_layer, 3, gamma_init, activation)
+    self._init_tail(use_bias, **norm_act)
 
   def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
-    x = inputs
-    if self._padding is not None:
-      before, after = self._padding
-      x = tf.pad(x, [[0, 0], [before, after], [before, after], [0, 0]])
-    return self._apply_tail(self._conv(x), training)
+    return self._apply_tail(self._conv(self._pad(inputs)), training)
 
 
 class DepthwiseConv2DSame(_ConvNormAct):
-  """Depthwise 2-D convolution with symmetric padding."""
+  """Depthwise 2-D convolution with symmetric padding (`norm_act` as in
+  `Conv2DSame`)."""
 
   def __init__(self,
                kernel_size: int,
@@ -100,56 +117,38 @@ class DepthwiseConv2DSame(_ConvNormAct):
                strides: int = 1,
                atrous_rate: int = 1,
                use_bias: bool = True,
-               use_bn: bool = False,
-               bn_layer: normalization.NormLayer = (
-                   tf_keras.layers.BatchNormalization),
-               activation: Optional[str] = None):
+               **norm_act):
     super().__init__(name=name)
-    if use_bn and use_bias:
-      raise ValueError(f'{name}: a depthwise convolution followed by batch '
-                       'norm must not have a bias.')
-    self._padding = None
-    if strides != 1:
-      self._padding = symmetric_padding(kernel_size, atrous_rate)
     self._depthwise_conv = tf_keras.layers.DepthwiseConv2D(
         kernel_size=kernel_size,
         strides=strides,
-        padding='same' if strides == 1 else 'valid',
+        padding=self._init_padding(kernel_size, strides, atrous_rate),
         use_bias=use_bias,
         dilation_rate=atrous_rate,
         name='depthwise_conv')
-    self._init_tail(use_bn, bn_layer, 3, 'ones', activation)
+    self._init_tail(use_bias, **norm_act)
 
   def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
-    x = inputs
-    if self._padding is not None:
-      before, after = self._padding
-      x = tf.pad(x, [[0, 0], [before, after], [before, after], [0, 0]])
-    return self._apply_tail(self._depthwise_conv(x), training)
+    return self._apply_tail(self._depthwise_conv(self._pad(inputs)),
+                            training)
 
 
 class SeparableConv2DSame(tf_keras.layers.Layer):
-  """Depthwise then pointwise convolution, each with its own norm + act."""
+  """Depthwise then pointwise convolution, each with its own norm + act.
 
-  def __init__(self,
-               output_channels: int,
-               kernel_size: int,
-               name: str,
-               strides: int = 1,
-               atrous_rate: int = 1,
-               use_bias: bool = True,
-               use_bn: bool = False,
-               bn_layer: normalization.NormLayer = (
-                   tf_keras.layers.BatchNormalization),
-               activation: Optional[str] = None):
+  `conv_options` are `DepthwiseConv2DSame`'s; all but strides and
+  atrous_rate also go to the pointwise convolution.
+  """
+
+  def __init__(self, output_channels: int, kernel_size: int, name: str,
+               **conv_options):
     super().__init__(name=name)
-    self._depthwise = DepthwiseConv2DSame(
-        kernel_size, name='depthwise', strides=strides,
-        atrous_rate=atrous_rate, use_bias=use_bias, use_bn=use_bn,
-        bn_layer=bn_layer, activation=activation)
-    self._pointwise = Conv2DSame(
-        output_channels, 1, name='pointwise', use_bias=use_bias,
-        use_bn=use_bn, bn_layer=bn_layer, activation=activation)
+    self._depthwise = DepthwiseConv2DSame(kernel_size, name='depthwise',
+                                          **conv_options)
+    pointwise_options = {key: value for key, value in conv_options.items()
+                         if key not in ('strides', 'atrous_rate')}
+    self._pointwise = Conv2DSame(output_channels, 1, name='pointwise',
+                                 **pointwise_options)
 
   def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
     return self._pointwise(self._depthwise(inputs, training=training),
@@ -172,7 +171,11 @@ def conv_bn_act_name(index: int, use_bn: bool,
 
 
 class StackedConv2DSame(tf_keras.layers.Layer):
-  """A stack of identical (standard or depthwise-separable) convolutions."""
+  """A stack of identical (standard or depthwise-separable) convolutions.
+
+  `conv_options` go to every convolution: strides, atrous_rate, use_bias,
+  bn_layer (see `Conv2DSame`).
+  """
 
   def __init__(self,
                num_layers: int,
@@ -180,13 +183,9 @@ class StackedConv2DSame(tf_keras.layers.Layer):
                output_channels: int,
                kernel_size: int,
                name: str,
-               strides: int = 1,
-               atrous_rate: int = 1,
-               use_bias: bool = True,
                use_bn: bool = False,
-               bn_layer: normalization.NormLayer = (
-                   tf_keras.layers.BatchNormalization),
-               activation: Optional[str] = None):
+               activation: Optional[str] = None,
+               **conv_options):
     super().__init__(name=name)
     if conv_type == 'standard_conv':
       conv_class = Conv2DSame
@@ -199,9 +198,8 @@ class StackedConv2DSame(tf_keras.layers.Layer):
     for index in range(num_layers):
       attr = conv_bn_act_name(index, use_bn, activation)
       setattr(self, attr, conv_class(
-          output_channels, kernel_size, name=attr.lstrip('_'),
-          strides=strides, atrous_rate=atrous_rate, use_bias=use_bias,
-          use_bn=use_bn, bn_layer=bn_layer, activation=activation))
+          output_channels, kernel_size, name=attr.lstrip('_'), use_bn=use_bn,
+          activation=activation, **conv_options))
       self._layer_names.append(attr)
 
   def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
@@ -212,24 +210,18 @@ class StackedConv2DSame(tf_keras.layers.Layer):
 
 
 class Conv1D(_ConvNormAct):
-  """Pointwise convolution over [B, L, C] sequences (the centres' MLPs)."""
+  """Pointwise convolution over [B, L, C] sequences (the centres' MLPs);
+  `norm_act` as in `Conv2DSame`."""
 
   def __init__(self,
                output_channels: int,
                name: str,
                use_bias: bool = True,
-               use_bn: bool = False,
-               bn_layer: normalization.NormLayer = (
-                   tf_keras.layers.BatchNormalization),
-               gamma_init: str = 'ones',
-               activation: Optional[str] = None,
                kernel_init='he_normal',
                kernel_size: int = 1,
-               padding: str = 'valid'):
+               padding: str = 'valid',
+               **norm_act):
     super().__init__(name=name)
-    if use_bn and use_bias:
-      raise ValueError(f'{name}: a convolution followed by batch norm must '
-                       'not have a bias (use_bias and use_bn both set).')
     self._conv = tf_keras.layers.Conv1D(
         output_channels,
         kernel_size=kernel_size,
@@ -238,7 +230,7 @@ class Conv1D(_ConvNormAct):
         kernel_initializer=kernel_init,
         name='conv')
     # Inputs are [B, L, C]: channels sit on axis 2.
-    self._init_tail(use_bn, bn_layer, 2, gamma_init, activation)
+    self._init_tail(use_bias, bn_axis=2, **norm_act)
 
   def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
     return self._apply_tail(self._conv(inputs), training)

@@ -37,12 +37,20 @@ class DropPath(tf_keras.layers.Layer):
   def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
     if self.keep_prob == 1.0 or not training:
       return inputs
+    return inputs * self.sample_scale(inputs)
+
+  def sample_scale(self, inputs: tf.Tensor) -> tf.Tensor:
+    """A random per-sample factor [B, 1, ..., 1]: 0 or 1 / keep_prob.
+
+    A method of its own so that activation recomputation
+    (`layers/recompute.py`) can replay the forward pass's draw.
+    """
     # One Bernoulli draw per sample, broadcast over every other axis.
     shape = tf.concat(
         [tf.shape(inputs)[:1], tf.ones([tf.rank(inputs) - 1], tf.int32)], 0)
     noise = tf.random.uniform(shape, dtype=inputs.dtype)
     keep = tf.floor(self.keep_prob + noise)
-    return inputs * (keep / self.keep_prob)
+    return keep / self.keep_prob
 
   def get_config(self):
     return {**super().get_config(), 'keep_prob': self.keep_prob}

@@ -238,6 +238,20 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
     del height, width  # Used by location-sensitive subclasses.
     return self._pixel_conv1_bn_act(self._act(pixels), training=training)
 
+  def spatial_attention_update(self, centers: tf.Tensor, pixels: tf.Tensor,
+                               pixel_value: tf.Tensor,
+                               norm: tf_keras.layers.Layer,
+                               output_conv: tf_keras.layers.Layer,
+                               training=False) -> tf.Tensor:
+    """Centres read the pixels by spatial-softmax attention; the result goes
+    through `norm` and `output_conv` (their checkpoint names differ per
+    block): [B, N, memory_channels]."""
+    retrieved, _ = cluster_assignment.spatial_softmax_attention(
+        self._cross_query_conv_bn(centers, training=training),
+        self._pixel_key_conv_bn(pixels, training=training),
+        pixel_value, self._num_heads)  # [B, N, V]
+    return output_conv(norm(retrieved, training=training), training=training)
+
   def pixel_cluster_update(self, mask_logits: tf.Tensor, pixels: tf.Tensor,
                            centers: tf.Tensor, pixel_value: tf.Tensor,
                            training=False) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -256,13 +270,10 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
       interaction (unchanged here; iterative subclasses refine them).
     """
     if self._interaction == cluster_assignment.SPATIAL_SOFTMAX:
-      gathered, _ = cluster_assignment.spatial_softmax_attention(
-          self._cross_query_conv_bn(centers, training=training),
-          self._pixel_key_conv_bn(pixels, training=training),
-          pixel_value, self._num_heads)  # [B, N, V]
-      gathered = self._kmeans_memory_batch_norm_retrieved_value(
-          gathered, training=training)
-      return self._kmeans_memory_conv3_bn(gathered, training=training), centers
+      return self.spatial_attention_update(
+          centers, pixels, pixel_value,
+          self._kmeans_memory_batch_norm_retrieved_value,
+          self._kmeans_memory_conv3_bn, training), centers
     assignment = cluster_assignment.cluster_axis_assignment(
         mask_logits, self._interaction)  # [B, H, W, N]
     assignment = tf.reshape(assignment,

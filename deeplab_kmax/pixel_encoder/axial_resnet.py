@@ -13,7 +13,7 @@ features kMaX's pixel decoder consumes) and its activation `res{k}`.
 Checkpoint paths: `_stem/...`, `_stage2/_block1/...` ... `_stage5/...`.
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import tensorflow as tf
 import tf_keras
@@ -86,6 +86,11 @@ class AxialResNet(tf_keras.layers.Layer):
   @property
   def output_stride(self) -> int:
     return self._encoder_output_stride
+
+  @property
+  def stage_layers(self) -> List[tf_keras.layers.Layer]:
+    """The stem and the four residual stages, in call order."""
+    return [self._stem] + [getattr(self, f'_stage{k}') for k in range(2, 6)]
 
   def call(self, inputs: tf.Tensor, training=False) -> Dict[str, tf.Tensor]:
     if inputs.shape.rank != 4 or inputs.shape[-1] != 3:

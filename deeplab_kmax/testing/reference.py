@@ -22,6 +22,18 @@ _OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
 _VALUE_SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
 
 
+def assert_close_to_golden(actual, golden: np.ndarray, what: str,
+                           rtol: float = 1e-5) -> None:
+  """Same shape, and within `rtol` of the golden's largest magnitude: the
+  tolerance of float32 rounding, well below what a wrong wiring moves."""
+  actual = np.asarray(actual)
+  assert actual.shape == golden.shape, what
+  scale = np.abs(golden).max()
+  diff = np.abs(actual - golden).max()
+  assert diff <= rtol * scale, (
+      f'{what}: max abs diff {diff:.3g} > {rtol:g} x absmax {scale:.3g}')
+
+
 def reference_dir() -> Optional[pathlib.Path]:
   """Returns the reference folder, or None when it is not beside the repo.
 

@@ -40,6 +40,12 @@ flags.DEFINE_multi_string(
     'Config overrides, either FIELD.PATH=VALUE (e.g. '
     'train_dataset_options.batch_size=8) or a textproto snippet '
     '(e.g. "trainer_options { steps_per_loop: 10 }"). Repeatable.')
+flags.DEFINE_integer(
+    'seed', None,
+    'Global random seed (Python, NumPy, TensorFlow): fixes the weight '
+    'initialisation and the unseeded random ops of the input pipeline, so '
+    'two runs with different seeds measure run-to-run spread. Default: '
+    'unseeded.')
 
 cli_errors.define_verbose_flag()
 
@@ -60,6 +66,9 @@ def main(argv):
   from deeplab_kmax.trainer import kmax_trainer  # pylint: disable=g-import-not-at-top
   from deeplab_kmax.trainer import train_lib  # pylint: disable=g-import-not-at-top
 
+  if FLAGS.seed is not None:
+    import tf_keras  # pylint: disable=g-import-not-at-top
+    tf_keras.utils.set_random_seed(FLAGS.seed)
   config = config_lib.load_experiment(
       FLAGS.config_file, FLAGS.config_override or (), mode=FLAGS.mode)
   model_dir = FLAGS.model_dir

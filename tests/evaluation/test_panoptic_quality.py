@@ -121,6 +121,15 @@ def _assert_same_statistics(result, table):
 # ---------------------------------------------------------------------------
 
 
+def _assert_deeplab2_numbers(summary, pq, sq, rq, tp, fn, fp):
+  """The values DeepLab2's own test asserts: PQ/SQ/RQ to 1e-6, the mean
+  TP/FN/FP counts to float rounding."""
+  assert [summary['PQ'], summary['SQ'], summary['RQ']] == pytest.approx(
+      [pq, sq, rq], abs=1e-6)
+  assert [summary['TP'], summary['FN'], summary['FP']] == pytest.approx(
+      [tp, fn, fp])
+
+
 def test_team_image_matches_deeplab2_and_naive(reference_dir):
   testdata = reference_dir / 'deeplab2_testdata'
   gt, pred = _load_image_pair(testdata, 'team', 1000)
@@ -128,14 +137,9 @@ def test_team_image_matches_deeplab2_and_naive(reference_dir):
       num_classes=3, ignore_label=0, label_divisor=1000, offset=256 * 256)
   metric.update(gt, pred)
   result = metric.result()
-  summary = result.summary()
   # DeepLab2 evaluation/panoptic_quality_test.py, single image.
-  assert summary['PQ'] == pytest.approx(0.62156284, abs=1e-6)
-  assert summary['SQ'] == pytest.approx(0.64664984, abs=1e-6)
-  assert summary['RQ'] == pytest.approx(0.9666667, abs=1e-6)
-  assert summary['TP'] == 4.0
-  assert summary['FN'] == 0.5
-  assert summary['FP'] == 0.0
+  _assert_deeplab2_numbers(result.summary(), 0.62156284, 0.64664984,
+                           0.9666667, tp=4.0, fn=0.5, fp=0.0)
   _assert_same_statistics(result, _naive_statistics([(gt, pred, None)], 3, 0,
                                                     1000))
 
@@ -152,12 +156,8 @@ def test_three_images_match_deeplab2_and_naive(reference_dir):
   result = metric.result()
   flat = result.to_flat_dict()
   # DeepLab2 evaluation/panoptic_quality_test.py, multiple images.
-  assert flat['PQ'] == pytest.approx(0.76855499, abs=1e-6)
-  assert flat['SQ'] == pytest.approx(0.7769174, abs=1e-6)
-  assert flat['RQ'] == pytest.approx(0.98888892, abs=1e-6)
-  assert flat['TP'] == 2.0
-  assert flat['FN'] == pytest.approx(1 / 6)
-  assert flat['FP'] == 0.0
+  _assert_deeplab2_numbers(flat, 0.76855499, 0.7769174, 0.98888892, tp=2.0,
+                           fn=1 / 6, fp=0.0)
 
   table = _naive_statistics([(gt, pred, None) for gt, pred in pairs], 7, 0,
                             256)

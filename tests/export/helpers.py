@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zlib
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -127,6 +127,7 @@ class Bundle:
   checkpoint_path: str
   saved_model_dir: str
   export_seconds: float
+  onnx_path: Optional[str] = None  # With bundle(onnx=True): the ONNX file.
 
   @property
   def info(self) -> dataset_info_lib.DatasetInfo:
@@ -158,10 +159,37 @@ def export_command(checkpoint_path: str, output_path: str,
           [f'--config_override={o}' for o in OVERRIDES] + list(extra))
 
 
-@functools.lru_cache(maxsize=None)
-def bundle() -> Bundle:
+_BUNDLE: List[Bundle] = []  # The one bundle of this process, once built.
+
+
+def bundle(onnx: bool = False) -> Bundle:
   """Builds the test model, writes a DeepLab2-layout checkpoint, exports it
-  with the CLI (once per process)."""
+  with the CLI (once per process).
+
+  With `onnx`, the export also writes `Bundle.onnx_path` (--onnx_path). The
+  first caller decides: built with ONNX, one CLI run serves every test;
+  built without, a later `onnx` caller pays a second export run. The ONNX
+  tests come first in collection order (tests/export/test_onnx.py), and
+  conftest keeps every user of the bundle on one xdist worker.
+  """
+  if not _BUNDLE:
+    _BUNDLE.append(_build_bundle(onnx))
+  built = _BUNDLE[0]
+  if onnx and built.onnx_path is None:
+    built.onnx_path = str(built.workdir / 'onnx' / 'kmax.onnx')
+    _export(built.checkpoint_path, str(built.workdir / 'onnx' / 'saved_model'),
+            f'--onnx_path={built.onnx_path}')
+  return built
+
+
+def _export(checkpoint_path: str, output_path: str, *extra: str) -> None:
+  result = run_command(export_command(checkpoint_path, output_path, *extra))
+  if result.returncode != 0:
+    raise RuntimeError(f'export_model.py failed ({result.returncode}):\n'
+                       f'{result.stdout}\n{result.stderr[-5000:]}')
+
+
+def _build_bundle(onnx: bool) -> Bundle:
   import time  # pylint: disable=g-import-not-at-top
   workdir = _workdir()
   config = make_config()
@@ -171,13 +199,12 @@ def bundle() -> Bundle:
   checkpoint_path = tf.train.Checkpoint(**model.checkpoint_items).write(
       str(workdir / 'deeplab2_ckpt' / 'ckpt'))
   saved_model_dir = str(workdir / 'saved_model' / '1')
+  onnx_path = str(workdir / 'onnx' / 'kmax.onnx') if onnx else None
   start = time.time()
-  result = run_command(export_command(checkpoint_path, saved_model_dir))
-  if result.returncode != 0:
-    raise RuntimeError(f'export_model.py failed ({result.returncode}):\n'
-                       f'{result.stdout}\n{result.stderr[-5000:]}')
+  _export(checkpoint_path, saved_model_dir,
+          *([f'--onnx_path={onnx_path}'] if onnx else []))
   return Bundle(workdir, config, model, checkpoint_path, saved_model_dir,
-                time.time() - start)
+                time.time() - start, onnx_path)
 
 
 def probe(saved_model_dir: str, requests_path: str = '') -> Tuple[dict, dict]:

@@ -26,17 +26,12 @@ from tests.export import helpers
 pytestmark = [pytest.mark.onnx, pytest.mark.slow]
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-  """The test checkpoint exported by the CLI with --onnx_path."""
+def exported():
+  """The test checkpoint exported by the CLI with --onnx_path (the same CLI
+  run that writes the shared SavedModel, see helpers.bundle)."""
   onnx = onnx_export.require_optional('onnx')
-  bundle = helpers.bundle()
-  out = tmp_path_factory.mktemp('onnx')
-  path = str(out / 'kmax.onnx')
-  result = helpers.run_command(helpers.export_command(
-      bundle.checkpoint_path, str(out / 'saved_model'),
-      f'--onnx_path={path}'))
-  assert result.returncode == 0, result.stderr[-5000:]
-  return bundle, path, onnx.load(path)
+  bundle = helpers.bundle(onnx=True)
+  return bundle, bundle.onnx_path, onnx.load(bundle.onnx_path)
 
 
 def test_resize_ops_were_repaired(exported):

@@ -120,7 +120,7 @@ def test_fresh_process_load_matches_keras(probed, keras_maps):
   arrays, results = probed
   assert results['signatures'] == sorted(
       [keys.SIGNATURE_IMAGE, keys.SIGNATURE_BATCH,
-       keys.SIGNATURE_ENCODED])
+       keys.SIGNATURE_ENCODED, keys.SIGNATURE_LOGITS])
   default = {k: arrays[f'default/{k}'] for k in serving.OUTPUT_KEYS}
   _assert_maps_equal(default, keras_maps, 'tf.saved_model.load')
   assert default[keys.PANOPTIC_PRED].shape == (65, 97)

@@ -104,16 +104,11 @@ def test_cluster_softmax_block_uses_softmax_over_clusters():
 def test_cluster_softmax_update_is_soft_gather():
   logits = _logits(6, (1, HEIGHT, WIDTH, CENTERS))
   layer, _, _, _ = _stub_layer(ca.CLUSTER_SOFTMAX, logits)
-  rng = np.random.default_rng(7)
-  pixels = tf.constant(rng.standard_normal((1, HEIGHT * WIDTH, 32)),
-                       tf.float32)
-  centers = tf.constant(rng.standard_normal((1, CENTERS, 32)), tf.float32)
-  values = rng.standard_normal((1, HEIGHT * WIDTH, 32)).astype(np.float32)
+  pixels, centers, values = kca_test.bottleneck_inputs(batch=1, seed=7)
   update, clustered = layer.pixel_cluster_update(
-      tf.constant(logits), pixels, centers, tf.constant(values))
+      tf.constant(logits), pixels, centers, values)
   weights = _softmax(logits, -1).reshape(1, HEIGHT * WIDTH, CENTERS)
-  expected = layer.update_centers(
-      tf.constant(weights), tf.constant(values))
+  expected = layer.update_centers(tf.constant(weights), values)
   np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(clustered, centers)
 
@@ -137,12 +132,7 @@ def test_spatial_softmax_block_ignores_the_assignment_logits():
 def test_spatial_softmax_update_matches_manual_attention():
   logits = _logits(10, (1, HEIGHT, WIDTH, CENTERS))
   layer, _, _, _ = _stub_layer(ca.SPATIAL_SOFTMAX, logits)
-  rng = np.random.default_rng(11)
-  pixels = tf.constant(rng.standard_normal((1, HEIGHT * WIDTH, 32)),
-                       tf.float32)
-  centers = tf.constant(rng.standard_normal((1, CENTERS, 32)), tf.float32)
-  values = tf.constant(rng.standard_normal((1, HEIGHT * WIDTH, 32)),
-                       tf.float32)
+  pixels, centers, values = kca_test.bottleneck_inputs(batch=1, seed=11)
   update, _ = layer.pixel_cluster_update(tf.constant(logits), pixels, centers,
                                          values)
   retrieved, _ = ca.spatial_softmax_attention(

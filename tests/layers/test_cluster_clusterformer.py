@@ -15,22 +15,12 @@ PIXEL_CHANNELS = kca_test.PIXEL_CHANNELS
 
 
 def _layer(iterations, seed=0):
-  layer = clusterformer.ClusterFormerLayer(
-      kca_test._small_predictor, **SMALL,
-      clusterformer_iterations=iterations)
-  pixels, centers = kca_test._inputs(batch=2, seed=seed)
-  layer(pixels, centers)
-  kca_test._randomise(layer)
-  return layer, pixels, centers
+  return kca_test.small_layer(clusterformer.ClusterFormerLayer, seed=seed,
+                              clusterformer_iterations=iterations)
 
 
 def _bottleneck_inputs(seed=1):
-  rng = np.random.default_rng(seed)
-  return (tf.constant(rng.standard_normal((2, HEIGHT * WIDTH, 32)),
-                      tf.float32),
-          tf.constant(rng.standard_normal((2, CENTERS, 32)), tf.float32),
-          tf.constant(rng.standard_normal((2, HEIGHT * WIDTH, 32)),
-                      tf.float32))
+  return kca_test.bottleneck_inputs(batch=2, seed=seed)
 
 
 @pytest.mark.parametrize('iterations', [1, 3])

@@ -15,13 +15,8 @@ CENTERS, HEIGHT, WIDTH = kca_test.CENTERS, kca_test.HEIGHT, kca_test.WIDTH
 
 
 def _layer(interaction=ca.CLUSTER_SOFTMAX, seed=0):
-  layer = cmt_clustering.CMTTransformerLayer(
-      kca_test._small_predictor, **SMALL,
-      pixel_cluster_interaction=interaction)
-  pixels, centers = kca_test._inputs(batch=2, seed=seed)
-  layer(pixels, centers)
-  kca_test._randomise(layer)
-  return layer, pixels, centers
+  return kca_test.small_layer(cmt_clustering.CMTTransformerLayer, seed=seed,
+                              pixel_cluster_interaction=interaction)
 
 
 def test_pixel_coordinates_are_row_major_in_unit_range():

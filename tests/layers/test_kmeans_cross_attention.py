@@ -49,12 +49,30 @@ def _inputs(batch=2, seed=0, height=HEIGHT, width=WIDTH):
   return (tf.constant(pixels, tf.float32), tf.constant(centers, tf.float32))
 
 
+def bottleneck_inputs(batch, seed):
+  """Random (pixels [B, HW, 32], centers [B, N, 32], values [B, HW, 32]) as
+  the small block's bottleneck sees them."""
+  rng = np.random.default_rng(seed)
+  return (tf.constant(rng.standard_normal((batch, HEIGHT * WIDTH, 32)),
+                      tf.float32),
+          tf.constant(rng.standard_normal((batch, CENTERS, 32)), tf.float32),
+          tf.constant(rng.standard_normal((batch, HEIGHT * WIDTH, 32)),
+                      tf.float32))
+
+
+def small_layer(layer_class=kca.KMaXTransformerLayer, seed=0, **options):
+  """A small block of `layer_class` (this file's sizes), built on a batch
+  of two and randomised; returns (layer, pixels, centers)."""
+  layer = layer_class(_small_predictor, **SMALL, **options)
+  pixels, centers = _inputs(batch=2, seed=seed)
+  layer(pixels, centers)
+  _randomise(layer)
+  return layer, pixels, centers
+
+
 @pytest.fixture(scope='module')
 def block():
-  layer = kca.KMaXTransformerLayer(_small_predictor, **SMALL)
-  layer(*_inputs())
-  _randomise(layer)
-  return layer
+  return small_layer()[0]
 
 
 def test_assignment_is_one_hot_argmax_over_clusters():

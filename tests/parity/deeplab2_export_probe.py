@@ -42,20 +42,15 @@ def _describe(signature) -> dict:
   return {'inputs': inputs, 'outputs': outputs}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('saved_model')
-  parser.add_argument('inputs')
-  parser.add_argument('out')
-  parser.add_argument('--default_only', action='store_true')
-  args = parser.parse_args()
-
-  signatures = tf.saved_model.load(args.saved_model).signatures
+def probe(saved_model: str, inputs_path: str, out: str,
+          default_only: bool = False) -> None:
+  """Runs every input through `saved_model`; writes OUT.npz and OUT.json."""
+  signatures = tf.saved_model.load(saved_model).signatures
   report = {'signatures': {name: _describe(signatures[name])
                            for name in sorted(signatures)},
             'errors': {}}
   arrays = {}
-  with np.load(args.inputs) as inputs:
+  with np.load(inputs_path) as inputs:
     # Inputs a signature may refuse come last: in DeepLab2's SavedModel a
     # call that fails inside the graph makes later calls in the process fail
     # too (AlreadyExistsError on a per-step temporary variable).
@@ -66,8 +61,7 @@ def main() -> None:
       value = inputs[entry]
       if kind == 'encoded':
         value = value.tobytes()
-      name = 'serving_default' if args.default_only else _SIGNATURE_OF_KIND[
-          kind]
+      name = 'serving_default' if default_only else _SIGNATURE_OF_KIND[kind]
       signature = signatures[name]
       try:
         outputs = signature(**{_input_name(signature): tf.constant(value)})
@@ -78,15 +72,25 @@ def main() -> None:
         arrays[f'{entry}/{key}'] = output.numpy()
 
   # Written to temporary names and renamed: a crash leaves no partial file.
-  directory = os.path.dirname(os.path.abspath(args.out))
+  directory = os.path.dirname(os.path.abspath(out))
   with tempfile.NamedTemporaryFile(dir=directory, suffix='.npz',
                                    delete=False) as f:
     np.savez(f, **arrays)
-  os.replace(f.name, args.out + '.npz')
+  os.replace(f.name, out + '.npz')
   with tempfile.NamedTemporaryFile('w', dir=directory, suffix='.json',
                                    delete=False) as f:
     json.dump(report, f, indent=1, sort_keys=True)
-  os.replace(f.name, args.out + '.json')
+  os.replace(f.name, out + '.json')
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('saved_model')
+  parser.add_argument('inputs')
+  parser.add_argument('out')
+  parser.add_argument('--default_only', action='store_true')
+  args = parser.parse_args()
+  probe(args.saved_model, args.inputs, args.out, args.default_only)
 
 
 if __name__ == '__main__':

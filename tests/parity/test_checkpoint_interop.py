@@ -1,10 +1,11 @@
 """Trainer checkpoints resume across DeepLab2's trainer and ours, both ways.
 
-Each direction trains a few steps with one trainer (COCO kMaX-R50 at crop
-129, batch 1, on the reference TFRecord), hands the newest checkpoint to the
-other trainer, which resumes from it and trains on. Right after the resuming
-trainer's checkpoint manager has restored the checkpoint (before any step),
-its objects are written out (deeplab2_ckpt_state.py): every one of the 2630
+One chain covers both directions (COCO kMaX-R50 at crop 129, batch 1, on the
+reference TFRecord): our trainer trains from scratch, DeepLab2's trainer
+resumes from our newest checkpoint and trains on, then ours resumes from
+DeepLab2's newest and trains on. Right after each resuming trainer's
+checkpoint manager has restored the checkpoint (before any step), its
+objects are written out (deeplab2_ckpt_state.py): every one of the 2630
 values (step counter, weights, both optimizers' iterations, hyper-parameters
 and m/v slots) must equal the saved one bit for bit. Then the step counter
 and both optimizers' iterations must have advanced from the saved values.
@@ -12,6 +13,7 @@ and both optimizers' iterations must have advanced from the saved values.
 Steps run eagerly on both sides (see deeplab2_ckpt_state.eager_trainer_init).
 """
 
+import dataclasses
 import pathlib
 import shutil
 
@@ -29,8 +31,10 @@ from tests.parity import deeplab2_ckpt_state as state_lib
 pytestmark = pytest.mark.slow
 
 CROP = 129
-STEPS_FIRST = 2  # Trained by the writer of the checkpoint.
-STEPS_TOTAL = 3  # The resuming trainer continues up to this global step.
+# Global steps at which each trainer of the chain stops (and checkpoints).
+STEPS_OURS = 1  # Ours, from scratch.
+STEPS_DEEPLAB2 = 2  # DeepLab2, resumed from ours.
+STEPS_RESUMED = 3  # Ours again, resumed from DeepLab2's.
 _MANIFEST = 'coco_kmax_meta_r50_os32_trainer_checkpoint.tsv'
 _STEP_KEYS = ('global_step/.ATTRIBUTES/VARIABLE_VALUE',
               'optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE',
@@ -127,12 +131,13 @@ def _steps(path: str):
 
 
 def _check_resumed(saved: str, restored_state: str, model_dir: pathlib.Path,
-                   reference_dir: pathlib.Path) -> None:
+                   reference_dir: pathlib.Path, saved_step: int,
+                   final_step: int) -> None:
   expected_keys = set(reference.read_manifest(
       reference_dir / 'manifests' / _MANIFEST))
   saved_keys = set(state_lib.read_values(saved))
   assert saved_keys == expected_keys, sorted(saved_keys ^ expected_keys)[:10]
-  assert _steps(saved) == (STEPS_FIRST,) * 3
+  assert _steps(saved) == (saved_step,) * 3
 
   only_saved, only_restored, differing = state_lib.differences(
       saved, restored_state)
@@ -141,7 +146,7 @@ def _check_resumed(saved: str, restored_state: str, model_dir: pathlib.Path,
   assert not differing, f'restored with other values: {differing[:10]}'
 
   final = tf.train.latest_checkpoint(str(model_dir))
-  assert _steps(final) == (STEPS_TOTAL,) * 3, final
+  assert _steps(final) == (final_step,) * 3, final
   before, after = state_lib.read_values(saved), state_lib.read_values(final)
   kernel = 'encoder/_stem/_conv/kernel/.ATTRIBUTES/VARIABLE_VALUE'
   moved = [key for key in (kernel, kernel.replace(
@@ -150,28 +155,47 @@ def _check_resumed(saved: str, restored_state: str, model_dir: pathlib.Path,
   assert len(moved) == 2, f'training did not continue from {saved}'
 
 
-def test_deeplab2_checkpoint_resumes_in_our_trainer(tmp_path, reference_dir,
-                                                    monkeypatch):
-  bench = support.require_deeplab2()
-  config = _config(reference_dir)
-  config_path = support.write_deeplab2_config(config,
-                                              tmp_path / 'config.textproto')
-  _run_deeplab2(bench, config_path, tmp_path / 'deeplab2', STEPS_FIRST)
-  saved = _hand_over(tmp_path / 'deeplab2', tmp_path / 'ours')
-  restored = str(tmp_path / 'restored' / 'state')
-  _run_ours(config, tmp_path / 'ours', STEPS_TOTAL, monkeypatch, restored)
-  _check_resumed(saved, restored, tmp_path / 'ours', reference_dir)
+@dataclasses.dataclass(frozen=True)
+class _Handover:
+  saved: str  # The checkpoint handed over (a copy of the writer's newest).
+  restored_state: str  # What the resuming trainer held right after restoring.
+  model_dir: pathlib.Path  # The resuming trainer's; its newest is the final.
 
 
-def test_our_checkpoint_resumes_in_deeplab2_trainer(tmp_path, reference_dir,
-                                                    monkeypatch):
+@pytest.fixture(scope='module')
+def handovers(tmp_path_factory, reference_dir):
+  """One chain, both directions: ours trains from scratch, DeepLab2 resumes
+  from our checkpoint, ours resumes from DeepLab2's. A single DeepLab2
+  process serves both directions (its start-up and model build are most of
+  the cost)."""
   bench = support.require_deeplab2()
+  root = tmp_path_factory.mktemp('checkpoint_interop')
   config = _config(reference_dir)
   config_path = support.write_deeplab2_config(config,
-                                              tmp_path / 'config.textproto')
-  _run_ours(config, tmp_path / 'ours', STEPS_FIRST, monkeypatch)
-  saved = _hand_over(tmp_path / 'ours', tmp_path / 'deeplab2')
-  restored = str(tmp_path / 'restored' / 'state')
-  _run_deeplab2(bench, config_path, tmp_path / 'deeplab2', STEPS_TOTAL,
-                restored)
-  _check_resumed(saved, restored, tmp_path / 'deeplab2', reference_dir)
+                                              root / 'config.textproto')
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    _run_ours(config, root / 'ours', STEPS_OURS, monkeypatch)
+  to_deeplab2 = _Handover(_hand_over(root / 'ours', root / 'deeplab2'),
+                          str(root / 'restored_by_deeplab2' / 'state'),
+                          root / 'deeplab2')
+  _run_deeplab2(bench, config_path, to_deeplab2.model_dir, STEPS_DEEPLAB2,
+                to_deeplab2.restored_state)
+  to_ours = _Handover(_hand_over(root / 'deeplab2', root / 'ours_resumed'),
+                      str(root / 'restored_by_ours' / 'state'),
+                      root / 'ours_resumed')
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    _run_ours(config, to_ours.model_dir, STEPS_RESUMED, monkeypatch,
+              to_ours.restored_state)
+  return {'to_deeplab2': to_deeplab2, 'to_ours': to_ours}
+
+
+def test_deeplab2_checkpoint_resumes_in_our_trainer(handovers, reference_dir):
+  handover = handovers['to_ours']
+  _check_resumed(handover.saved, handover.restored_state, handover.model_dir,
+                 reference_dir, STEPS_DEEPLAB2, STEPS_RESUMED)
+
+
+def test_our_checkpoint_resumes_in_deeplab2_trainer(handovers, reference_dir):
+  handover = handovers['to_deeplab2']
+  _check_resumed(handover.saved, handover.restored_state, handover.model_dir,
+                 reference_dir, STEPS_OURS, STEPS_DEEPLAB2)

@@ -2,8 +2,9 @@
 
 Both SavedModels are made from the same DeepLab2-layout checkpoint (the
 export tests' model: deterministic weights with confident masks, so the
-panoptic maps have real segments; COCO R50, eval crop 129) and each is loaded
-in a fresh process (deeplab2_export_probe.py). On images of several sizes,
+panoptic maps have real segments; COCO R50, eval crop 129). Both are loaded
+and run (deeplab2_export_probe.py) in the fresh DeepLab2 process that wrote
+DeepLab2's export, one that never imports this package. On images of several sizes,
 smaller and larger than the crop, the panoptic, semantic and instance maps
 must be equal, pixel for pixel. DeepLab2's export takes one uint8 [H, W, 3]
 image; ours must give the same maps for what DeepLab2's refuses: a batch
@@ -52,9 +53,7 @@ def _images():
   }
 
 
-def _probe(bench_env, saved_model, inputs, out, *flags):
-  support.run_python([support.HERE / 'deeplab2_export_probe.py', saved_model,
-                      inputs, out, *flags], bench_env)
+def _read_probe(out):
   with open(f'{out}.json') as f:
     report = json.load(f)
   with np.load(f'{out}.npz') as arrays:
@@ -78,18 +77,6 @@ def test_exports_agree(tmp_path):
   bundle = helpers.bundle()  # Checkpoint + our export (trainer/export_model.py).
   timings['ours: build, checkpoint, export'] = time.time() - start
 
-  start = time.time()
-  config_path = support.write_deeplab2_config(helpers.make_config(),
-                                              tmp_path / 'config.textproto')
-  theirs_dir = tmp_path / 'deeplab2_saved_model'
-  # DeepLab2's export_model.main, without Keras layer traces (see there).
-  support.run_python([support.HERE / 'deeplab2_export_model.py',
-                      f'--experiment_option_path={config_path}',
-                      f'--checkpoint_path={bundle.checkpoint_path}',
-                      f'--output_path={theirs_dir}'],
-                     support.deeplab2_env(bench))
-  timings['deeplab2: export'] = time.time() - start
-
   images = _images()
   entries = {f'single/{name}': image for name, image in images.items()}
   entries['batch/ab'] = np.stack([images['a_65x97'], images['b_65x97']])
@@ -99,12 +86,23 @@ def test_exports_agree(tmp_path):
   np.savez(inputs, **entries)
 
   start = time.time()
-  theirs, their_report = _probe(support.deeplab2_env(bench), theirs_dir,
-                                inputs, tmp_path / 'deeplab2',
-                                '--default_only')
-  ours, our_report = _probe(support.our_env(), bundle.saved_model_dir, inputs,
-                            tmp_path / 'ours')
-  timings['both: load and run'] = time.time() - start
+  config_path = support.write_deeplab2_config(helpers.make_config(),
+                                              tmp_path / 'config.textproto')
+  theirs_dir = tmp_path / 'deeplab2_saved_model'
+  # DeepLab2's export_model.main (without Keras layer traces, see there),
+  # then, in the same fresh process, both SavedModels loaded and run.
+  support.run_python([support.HERE / 'deeplab2_export_model.py',
+                      f'--experiment_option_path={config_path}',
+                      f'--checkpoint_path={bundle.checkpoint_path}',
+                      f'--output_path={theirs_dir}',
+                      f'--probe_inputs={inputs}',
+                      f'--probe_out={tmp_path / "deeplab2"}',
+                      f'--probe_saved_model={bundle.saved_model_dir}',
+                      f'--probe_saved_model_out={tmp_path / "ours"}'],
+                     support.deeplab2_env(bench))
+  timings['deeplab2: export; both: load and run'] = time.time() - start
+  theirs, their_report = _read_probe(tmp_path / 'deeplab2')
+  ours, our_report = _read_probe(tmp_path / 'ours')
   print('timings (s):', {k: round(v) for k, v in timings.items()})
   print('deeplab2 signatures:', json.dumps(their_report['signatures']))
 

@@ -23,8 +23,9 @@ Nothing is random. Drop path is off in the backbone and in the transformer
 decoder (DeepLab2 hard-codes 0.8 there for COCO and Cityscapes; we set the
 config field, DeepLab2's builder is patched, deeplab2_determinism.py), the
 ASPP dropout is off on both sides, the batch comes from the eval pipeline,
-and the instance-discrimination sample covers every stride-4 pixel (DeepLab2's
-Gumbel top-k then only permutes the pixels). The decoder drop path was what
+and the instance-discrimination sample covers every pixel of the loss's
+stride-4 (COCO) or stride-2 (Cityscapes) grid (DeepLab2's Gumbel top-k then
+only permutes the pixels). The decoder drop path was what
 made the gradients of the 36 zero-initialised batch norms closing the kMaX
 residual branches differ between any two runs: it does not change the
 first step's loss (those branches output zero) but zeroes their gamma and
@@ -34,14 +35,17 @@ Two documented exceptions, both reported:
 
 * Gradients that are zero in exact arithmetic (a bias or beta feeding a
   training-mode batch norm, e.g. the pixel-space head's final conv bias)
-  come out as float noise of ~3e-9 of the whole gradient, different in
+  come out as float noise of 1e-8 - 2e-7 of the whole gradient, different in
   each run on either side. A variable's gradient error is therefore
   measured against max(its norm, GRADIENT_FLOOR * the whole gradient's
   norm), i.e. relative 1e-4 for every gradient above 1e-4 of the whole.
-  Adam turns such noise into full-size steps of random sign, so the values
-  and slots of the variables whose gradients are below ZERO_GRADIENT of the
-  whole on both sides are not compared after step 3 (a batch norm in
-  training mode removes them; its moving mean is still compared).
+  Variables whose gradients are below ZERO_GRADIENT of the whole on both
+  sides are zero in exact arithmetic: their noise differs between two runs
+  of one side by as much as between the sides (measured 6e-5 - 1e-4 of the
+  floor, COCO R50), so their gradients are reported, not compared. Adam
+  turns such noise into full-size steps of random sign, so their values
+  and slots are not compared after step 3 either (a batch norm in training
+  mode removes them; its moving mean is still compared).
 * The k-means assignment is a hard argmax. The only gradients it reaches at
   the first step are the k-means branch's closing batch-norm gammas (every
   residual branch outputs zero, so the forward pass does not see it). Those
@@ -81,8 +85,6 @@ _SLOT = '/.OPTIMIZER_SLOT/'
 BATCH_SIZE = 2
 STEPS = 3
 WARMUP_STEPS = 2
-# The pixel-space outputs the losses read are at stride 4.
-LOSS_STRIDE = 4
 BATCH_KEYS = ('image', 'semantic_gt', 'thing_id_mask_gt', 'thing_id_class_gt',
               'semantic_loss_weight')
 
@@ -96,10 +98,12 @@ RMS_FLOOR = 1e-9
 # GRADIENT_FLOOR * the whole gradient's norm): for tiny gradients an error
 # of GRADIENT_RTOL * GRADIENT_FLOOR = 1e-8 of the whole gradient is allowed.
 # Gradients below ZERO_GRADIENT of the whole are zero in exact arithmetic
-# (measured: 3e-9 - 1e-8, different in each run, on both sides). See the
-# module docstring.
+# (measured 2026-12-01: at most 1e-8 of the whole for COCO R50 65x65, 1.8e-7
+# for Cityscapes R50 65x129, different in each run, on both sides; the
+# smallest real gradient is 4.3e-5 of the whole in both). See the module
+# docstring.
 GRADIENT_FLOOR = 1e-4
-ZERO_GRADIENT = 1e-7
+ZERO_GRADIENT = 1e-6
 DEEPLAB2_TIMEOUT_S = 3600
 EAGER_REPEATS = 2
 _EAGER_SCRIPT = pathlib.Path(__file__).with_name('eager_gradient_script.py')
@@ -128,8 +132,13 @@ CASES = {
 # --- Inputs. -------------------------------------------------------------------
 
 
-def stride_grid(crop: Tuple[int, int]) -> Tuple[int, int]:
-  return tuple((side - 1) // LOSS_STRIDE + 1 for side in crop)
+def stride_grid(crop: Tuple[int, int], dataset: str) -> Tuple[int, int]:
+  """The grid of the pixel-space outputs the losses read: stride 4 for
+  COCO, 2 for Cityscapes (a stride-4 count there would leave the
+  instance-discrimination sample random)."""
+  stride = model_lib.DatasetLayout.for_dataset(
+      dataset).high_resolution_output_stride
+  return tuple((side - 1) // stride + 1 for side in crop)
 
 
 def experiment_config(ref: pathlib.Path, case: Case, initial_checkpoint: str):
@@ -143,7 +152,8 @@ def experiment_config(ref: pathlib.Path, case: Case, initial_checkpoint: str):
   model_options.backbone.drop_path_keep_prob = 1.0
   model_options.max_deeplab.transformer_decoder_drop_path_keep_prob = 1.0
   model_options.backbone.ClearField('pretrained_weights')
-  grid_h, grid_w = stride_grid(case.crop)
+  grid_h, grid_w = stride_grid(case.crop,
+                               config.train_dataset_options.dataset)
   model_options.max_deeplab.instance_discrimination_sample_k = grid_h * grid_w
   solver = config.trainer_options.solver_options
   solver.warmup_steps = WARMUP_STEPS
@@ -171,7 +181,9 @@ def make_batch(ref: pathlib.Path, case: Case) -> Dict[str, np.ndarray]:
   options.file_pattern[:] = [str(ref / _RECORD)]
   options.crop_size[:] = list(case.crop)
   options.min_resize_value[:] = [min(case.crop)]
-  options.max_resize_value[:] = [max(case.crop)]
+  # A (height, width) bound: a non-square crop must hold the resized
+  # image on each side.
+  options.max_resize_value[:] = list(case.crop)
   # One by one: the eval samples also hold raw-size arrays that differ
   # between images.
   options.batch_size = 1
@@ -415,12 +427,17 @@ def compare_eager(ours: EagerStep, theirs: EagerStep
   margins = [top2_margin(logits) for logits in theirs.logits[0]]
   report.append(f'  eager: k-means argmax flips per layer {flips} '
                 f'(smallest top-2 margins {["%.2g" % m for m in margins]})')
+  noise = noise_level(ours.gradients[0]) & noise_level(theirs.gradients[0])
   for side, step in (('ours', ours), ('DeepLab2', theirs)):
     again = gradient_differences(step.gradients[1], step.gradients[0])
+    again = {key: diff for key, diff in again.items() if key not in noise}
     report.append(f'  eager: {side} repeat vs first, worst gradient '
                   '%s: %.3g' % worst(again))
 
   differences = gradient_differences(ours.gradients[0], theirs.gradients[0])
+  # Zero in exact arithmetic on both sides: their float noise differs from
+  # run to run by ~1e-8 of the whole gradient, i.e. ~1e-4 of the floor.
+  noise_differences = {key: differences.pop(key) for key in noise}
   skipped = sorted(key for key in differences if KMEANS_GAMMA in key and
                    flips[decoder_layer(key)])
   for key in skipped:
@@ -429,10 +446,15 @@ def compare_eager(ours: EagerStep, theirs: EagerStep
   report.append('  eager: worst gradient %s: %.3g' % worst(differences))
   failures += [f'eager gradient {key}: {diff:.3g}'
                for key, diff in differences.items() if diff > GRADIENT_RTOL]
-  noise = noise_level(ours.gradients[0]) & noise_level(theirs.gradients[0])
+  largest = max((np.linalg.norm(ours.gradients[0][key]) /
+                 global_norm(ours.gradients[0]) for key in noise), default=0)
   report.append(f'  eager: {len(noise)} nonzero gradients below '
                 f'{ZERO_GRADIENT:g} of the whole gradient on both sides (zero '
-                'in exact arithmetic), e.g. ' + ', '.join(sorted(noise)[:2]))
+                f'in exact arithmetic; largest {largest:.2g} of the whole; '
+                'not compared), e.g. ' + ', '.join(sorted(noise)[:2]))
+  if noise_differences:
+    report.append('  eager: (their worst difference relative to the floor '
+                  '%s: %.3g)' % worst(noise_differences))
   return report, failures, noise
 
 
@@ -554,6 +576,8 @@ def compare_runs(ours_dir: str, theirs_dir: str, noise: set
                                 if is_slot(key, 'm')}
   gradients = gradient_differences(first_moment(after[1][0]),
                                    first_moment(after[1][1]))
+  gradients = {key: diff for key, diff in gradients.items()
+               if key not in noisy}
   report.append('  trainer: worst gradient (Adam m after step 1) '
                 '%s: %.3g' % worst(gradients))
   for step in (0, 1, STEPS):
@@ -596,9 +620,10 @@ def compare_runs(ours_dir: str, theirs_dir: str, noise: set
 def test_train_steps_match_deeplab2(name, tmp_path):
   if os.environ.get(OPT_IN) != '1':
     pytest.skip(f'Set {OPT_IN}=1 to run: each case builds both models four '
-                'times (an eager step and a 3-step trainer run on each side; '
-                'several minutes per case on a quiet 2-core machine, far '
-                'more under load), beyond the default suite budget.')
+                'times (an eager step and a 3-step trainer run on each side); '
+                'on the shared 2-core machine under load (2026-12-01) the '
+                'eager half alone took over 20 minutes per case, far beyond '
+                'the default suite budget of about 2 minutes.')
   bench = support.bench_dir()
   if bench is None:
     pytest.skip('DeepLab2 sources (../shared/bench/deeplab2) are absent; this '
@@ -615,6 +640,8 @@ def test_train_steps_match_deeplab2(name, tmp_path):
                                 initial, tmp_path / f'eager_{side}')
            for side in ('ours', 'deeplab2')}
   report, failures, noise = compare_eager(eager['ours'], eager['deeplab2'])
+  # Printed now too: a failure in the trainer runs below must not hide it.
+  print('\n'.join([f'{name} (eager step):'] + report), flush=True)
 
   ours_dir = str(tmp_path / 'ours')
   theirs_dir = str(tmp_path / 'deeplab2')

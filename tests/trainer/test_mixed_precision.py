@@ -1,18 +1,20 @@
 """Mixed-precision training: the config switch, bfloat16 and float16 steps."""
 
 import numpy as np
-import orbit
 import pytest
 import tensorflow as tf
 
 from deeplab_kmax import config as config_lib
 from deeplab_kmax import keys
 from deeplab_kmax.config import trainer_pb2
-from deeplab_kmax.trainer import kmax_trainer
-from deeplab_kmax.trainer import optimizer as optimizer_lib
 from tests.trainer import demo_step
+from tests.trainer import gradient_compare
 
 _CROP = 33
+# XLA against the plain step: see test_jit_compiled_gradients_match_the_plain_
+# ones. Not yet met, see its xfail reason.
+_XLA_LOSS_RTOL = 1e-5
+_XLA_GRADIENT_RTOL = 1e-4
 
 
 def test_unknown_precision_is_rejected_naming_the_field():
@@ -36,17 +38,9 @@ def _one_step(config, precision, weights_from=None, jit_compile=False,
   model = demo_step.build_model(config, _CROP, precision)
   if weights_from is not None:
     demo_step.copy_weights(weights_from, model)
-  solver = config.trainer_options.solver_options
-  optimizers = optimizer_lib.build_optimizers(solver)
-  batch = demo_step.synthetic_batch(_CROP)
-  trainer = kmax_trainer.KMaXTrainer(
-      model, demo_step.build_loss(config, model),
-      tf.data.Dataset.from_tensors(batch).repeat(), optimizers.main,
-      tf.Variable(0, dtype=tf.int64), backbone_optimizer=optimizers.backbone,
-      backbone_variables=lambda: model.backbone_variables,
-      options=orbit.StandardTrainerOptions(use_tf_function=use_tf_function,
-                                           use_tf_while_loop=False),
-      mixed_precision=precision, jit_compile=jit_compile)
+  trainer = gradient_compare.trainer_for(
+      config, model, _CROP, jit_compile=jit_compile, mixed_precision=precision,
+      use_tf_function=use_tf_function)
   return trainer.train(tf.constant(1)), model
 
 
@@ -87,23 +81,41 @@ def _check_variables(model, reference, start, must_move: bool):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    'After one XLA step 1.4% of the stem kernel differs from the plain step '
-    'beyond atol 1e-5 (2026-12-01): XLA rounding or a real difference, not '
-    'yet analysed. Issue 13 open.'))
-def test_jit_compiled_step_matches_the_plain_step():
+    'Not rounding: before any update the XLA forward already gives another '
+    'semantic loss, 1.94111 vs 1.94448 plain (1.7e-3 relative; 2026-12-01, '
+    'demo model, crop 33), so the gradients were not reached. Cause open '
+    '(candidates: a top-k / hard-pixel selection or a resize that XLA '
+    'lowers differently). Issue 13 open.'))
+def test_jit_compiled_gradients_match_the_plain_ones():
+  """XLA computes the same loss and gradients, up to float rounding.
+
+  Compared before the optimizer. XLA's CPU fusions reorder float sums, so
+  the gradients agree to rounding, not bit for bit; and gradients that are
+  zero in exact arithmetic (a bias or beta feeding a training-mode batch
+  norm) are rounding noise of a different sign in each build. After one
+  Adam step such noise is a full step: the first update is
+  lr * m / (sqrt(v) + eps) = lr * g / (|g| + eps), about lr * sign(g)
+  whatever |g| is, which is why comparing the weights after one step found
+  1.4% of the stem kernel differing by up to 2 * lr. The gradients are
+  therefore measured with the norm-relative measure of the train-step
+  parity test (gradient_compare), against _XLA_GRADIENT_RTOL.
+  """
   config = demo_step.demo_config()
-  config.trainer_options.solver_options.warmup_steps = 0
-  start = demo_step.build_model(config, _CROP)
-  plain_logs, plain = _one_step(config, 'float32', weights_from=start)
-  xla_logs, compiled = _one_step(config, 'float32', weights_from=start,
-                                 jit_compile=True)
-  for name, value in plain_logs.items():
-    if name.startswith('losses/'):
-      # XLA's CPU fusions reorder float sums; one observed run differed by
-      # 5.6e-4 relative in the semantic loss after the first update.
-      assert float(xla_logs[name]) == pytest.approx(float(value), rel=2e-3,
-                                                    abs=1e-6), name
-  for ours, theirs in zip(compiled.trainable_variables,
-                          plain.trainable_variables):
-    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5,
-                               err_msg=ours.name)
+  model = demo_step.build_model(config, _CROP)
+  trainer = gradient_compare.trainer_for(config, model, _CROP,
+                                         jit_compile=True)
+  batch = demo_step.synthetic_batch(_CROP)
+  # pylint: disable=protected-access
+  plain_means, _, plain = trainer._loss_and_gradients(batch)
+  compiled_means, _, compiled = trainer._gradients_fn(batch)
+  # pylint: enable=protected-access
+  for name, value in plain_means.items():
+    assert float(compiled_means[name]) == pytest.approx(
+        float(value), rel=_XLA_LOSS_RTOL, abs=1e-6), name
+  names = [v.name for v in model.trainable_variables]
+  errors = gradient_compare.relative_errors(
+      gradient_compare.as_numpy(compiled), gradient_compare.as_numpy(plain),
+      names)
+  worst = gradient_compare.worst(errors)
+  print('largest norm-relative gradient differences, XLA vs plain:', worst)
+  assert worst[0][1] <= _XLA_GRADIENT_RTOL, worst
