@@ -30,7 +30,8 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls before timing.')
 _MODES = flags.DEFINE_list(
     'modes', ['graph', 'xla'],
     'Execution modes: eager (plain call), graph (tf.function), '
-    'xla (tf.function with jit_compile).')
+    'folded (graph with the batch norms folded into the convolutions, '
+    'layers/bn_folding.py), xla (tf.function with jit_compile).')
 _DEVICE = flags.DEFINE_string('device', '', 'Device string, e.g. /GPU:0; '
                               'default: TensorFlow placement.')
 _WORKER = flags.DEFINE_string('_worker', '', 'Internal: run one setting (json).')
@@ -55,10 +56,14 @@ def _run_one(setting):
   mode = setting['mode']
   if mode == 'eager':
     forward = call
-  elif mode in ('graph', 'xla'):
+  elif mode in ('graph', 'folded', 'xla'):
+    if mode == 'folded':
+      from deeplab_kmax.layers import bn_folding  # pylint: disable=g-import-not-at-top
+      bn_folding.enable(model)
     forward = tf.function(call, jit_compile=(mode == 'xla'))
   else:
-    raise ValueError(f'unknown mode {mode!r}; use eager, graph or xla.')
+    raise ValueError(f'unknown mode {mode!r}; use eager, graph, folded or '
+                     'xla.')
 
   device = setting['device'] or None
   with tf.device(device) if device else _null():

@@ -27,6 +27,7 @@ from absl import flags
 
 from deeplab_kmax import app_logic
 from deeplab_kmax import cli_errors
+from deeplab_kmax import model_source_flags
 
 # Element ids of the page, for people styling it and for the browser test.
 OVERLAY_ID = 'kmax-overlay'
@@ -123,18 +124,17 @@ def launch(page, host: str, port: int, allowed_paths: Sequence[str] = (),
   return fastapi_app, url
 
 
+# The exported-model flag of the page (name -> help); it or --config_file.
+_EXPORTED_MODEL_FLAGS = {
+    'saved_model': 'SavedModel directory written by export_model.py '
+                   '(thresholds adjustable through its serving_logits '
+                   'signature).',
+}
+
+
 def _define_flags() -> None:
-  flags.DEFINE_string('saved_model', None,
-                      'SavedModel directory written by export_model.py '
-                      '(thresholds adjustable through its serving_logits '
-                      'signature).')
-  flags.DEFINE_string('config_file', None,
-                      'Experiment config, with --checkpoint_path, instead of '
-                      'a SavedModel (thresholds adjustable).')
-  flags.DEFINE_string('checkpoint_path', None,
-                      'Checkpoint (prefix or directory) for --config_file.')
-  flags.DEFINE_multi_string('config_override', [],
-                            'FIELD.PATH=VALUE config overrides. Repeatable.')
+  model_source_flags.define_flags(_EXPORTED_MODEL_FLAGS,
+                                  'a SavedModel (thresholds adjustable)')
   flags.DEFINE_string('examples_dir', None,
                       'Folder whose images the page offers as examples.')
   flags.DEFINE_string('host', '127.0.0.1',

@@ -27,6 +27,7 @@ from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence,
 import numpy as np
 
 from deeplab_kmax import keys
+from deeplab_kmax import model_source_flags
 from deeplab_kmax import post_processing
 from deeplab_kmax import predict
 from deeplab_kmax.data import coco_panoptic
@@ -273,13 +274,11 @@ def load_model(saved_model: Optional[str] = None,
                checkpoint_path: Optional[str] = None,
                config_overrides: Sequence[str] = ()) -> AppModel:
   """The model of the page, from a SavedModel or a config + checkpoint."""
-  if bool(saved_model) == bool(config_file):
-    raise ValueError('Give exactly one of --saved_model or --config_file '
-                     '(with --checkpoint_path).')
-  if saved_model:
+  source = model_source_flags.chosen_source(
+      {'saved_model': saved_model,
+       model_source_flags.CONFIG_FILE: config_file}, checkpoint_path)
+  if source == 'saved_model':
     return load_saved_model(saved_model)
-  if not checkpoint_path:
-    raise ValueError('--config_file needs --checkpoint_path.')
   from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
   from deeplab_kmax.export import model_loading  # pylint: disable=g-import-not-at-top
   config = config_lib.load_experiment(config_file, config_overrides,

@@ -91,4 +91,20 @@ def run(main: Callable[..., object],
         expected: Sequence[Type[BaseException]] = ()) -> None:
   """absl's app.run(main), with expected errors reported as messages."""
   define_verbose_flag()
+  _list_package_flags_in_help()
   app.run(guard(main, expected))
+
+
+def _list_package_flags_in_help() -> None:
+  """Makes --help list the flags this package's modules define.
+
+  absl's --help lists the key flags of the program file (sys.argv[0]); a
+  console script's file is a generated wrapper that defines none, so the
+  flags of `deeplab_kmax.predict` and the shared flag modules would only
+  show under --helpfull.
+  """
+  program = sys.argv[0]
+  for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
+    if module.split('.')[0] == __name__.split('.')[0]:
+      for flag in module_flags:
+        flags.FLAGS.register_key_flag_for_module(program, flag)

@@ -18,6 +18,10 @@ k-means assignment and are deep-supervised.
 
 Checkpoint compatibility fixes the private attribute names below, and the
 top-level items of `MaXDeepLabHead.checkpoint_items`.
+
+With `fold_batch_norm` on (`layers/bn_folding.py`), inference folds the
+pixel feature batch norm into the pixel space head's last conv, and the
+mask-logit batch norm's scale into the mask kernels.
 """
 
 import math
@@ -28,6 +32,7 @@ import tf_keras
 
 from deeplab_kmax import keys
 from deeplab_kmax.layers import aspp as aspp_lib
+from deeplab_kmax.layers import bn_folding
 from deeplab_kmax.layers import convolutions
 from deeplab_kmax.layers import normalization
 from deeplab_kmax.ops import resize
@@ -161,7 +166,7 @@ class SemanticDecoder(tf_keras.layers.Layer):
     return x
 
 
-class MaXDeepLabHead(tf_keras.layers.Layer):
+class MaXDeepLabHead(bn_folding.FoldsBatchNorm, tf_keras.layers.Layer):
   """Mask-transformer outputs (+ optional semantic logits) from features.
 
   Inputs (a dict): `feature_panoptic` [B, H, W, C] pixel feature,
@@ -300,6 +305,13 @@ class MaXDeepLabHead(tf_keras.layers.Layer):
   def pixel_space_normalized_feature(self, pixel_feature: tf.Tensor,
                                      training=False) -> tf.Tensor:
     """Unit-norm pixel embeddings [B, H, W, E]."""
+    if self.folds_batch_norm(training):
+      head = self._pixel_space_head
+      x = head.conv_block(pixel_feature, training=training)
+      x = bn_folding.convolve_folded(
+          head.final_conv, self._pixel_space_feature_batch_norm, x,
+          activation_follows=False)
+      return tf.math.l2_normalize(x, axis=-1)
     x = self._pixel_space_head(pixel_feature, training=training)
     x = self._pixel_space_feature_batch_norm(x, training=training)
     return tf.math.l2_normalize(x, axis=-1)
@@ -314,6 +326,13 @@ class MaXDeepLabHead(tf_keras.layers.Layer):
                               training=False) -> tf.Tensor:
     """Pixel-to-slot affinities [B, H, W, N]."""
     kernels = self._transformer_mask_head(mask_feature, training=training)
+    if self.folds_batch_norm(training):
+      # One scalar s, b: einsum(f, k) * s + b = einsum(f, k * s) + b.
+      scale, offset = bn_folding.affine(self._pixel_space_mask_batch_norm)
+      logits = tf.einsum('bhwe,bne->bhwn',
+                         tf.cast(normalized_feature, tf.float32),
+                         tf.cast(kernels, tf.float32) * scale)
+      return logits + offset
     logits = tf.einsum('bhwe,bne->bhwn', tf.cast(normalized_feature,
                                                  tf.float32),
                        tf.cast(kernels, tf.float32))  # float32 when mixed

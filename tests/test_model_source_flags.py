@@ -43,3 +43,25 @@ def test_predict_cli_names_its_sources(tmp_path):
   assert ('Give exactly one of --saved_model, --onnx_model, --tflite_model '
           'or --config_file (with --checkpoint_path).') in result.stderr, (
               result.stderr[-3000:])
+
+
+def test_page_help_lists_the_shared_flags():
+  # The page's --config_file family is defined in model_source_flags, not in
+  # the program file: --help must still list it (and the page's own flags).
+  result = subprocess.run(
+      [sys.executable, '-m', 'deeplab_kmax.app', '--help'],
+      capture_output=True, text=True, env=helpers.SUBPROCESS_ENV,
+      cwd=helpers.REPO, check=False, timeout=300)
+  for flag in ('--saved_model', '--config_file', '--checkpoint_path',
+               '--config_override', '--examples_dir', '--[no]verbose'):
+    assert flag in result.stdout, (flag, result.stdout[-3000:],
+                                   result.stderr[-3000:])
+
+
+def test_page_rejects_two_sources():
+  from deeplab_kmax import app_logic  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='Give exactly one of --saved_model '
+                     r'or --config_file \(with --checkpoint_path\)'):
+    app_logic.load_model('a', 'b.textproto', 'ckpt')
+  with pytest.raises(ValueError, match='needs --checkpoint_path'):
+    app_logic.load_model(None, 'b.textproto', None)

@@ -125,14 +125,14 @@ def test_wheel_console_scripts_train_and_export(tmp_path):
        [f'--config_override={o}' for o in _TRAIN_OVERRIDES], outside, env)
   assert (exported / 'saved_model.pb').is_file()
   # absl's help flags exit with status 1 after printing.
-  help_run = subprocess.run(['kmax-predict', '--helpfull'], cwd=outside,
+  help_run = subprocess.run(['kmax-predict', '--help'], cwd=outside,
                             env=env, capture_output=True, text=True,
                             timeout=300, check=False)
   assert '--tflite_model' in help_run.stdout, help_run.stderr[-3000:]
   # The page's console script is installed too (absl prints the help and
-  # exits; no Gradio server starts). --helpfull: the console script's own
-  # module defines no flags, so --help lists none of the app's.
-  app_help = subprocess.run(['kmax-app', '--helpfull'], cwd=outside, env=env,
+  # exits; no Gradio server starts). --help (not only --helpfull) lists the
+  # package's flags although the console script's own file defines none.
+  app_help = subprocess.run(['kmax-app', '--help'], cwd=outside, env=env,
                             capture_output=True, text=True, timeout=300,
                             check=False)
   assert shutil.which('kmax-app', path=env['PATH']).startswith(str(venv))

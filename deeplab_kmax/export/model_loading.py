@@ -18,6 +18,7 @@ from deeplab_kmax import precision as precision_lib
 from deeplab_kmax import precision_options
 from deeplab_kmax.config import config_pb2
 from deeplab_kmax.data import dataset_info as dataset_info_lib
+from deeplab_kmax.layers import bn_folding
 from deeplab_kmax.export import serving
 
 # Variables do not depend on the input size, so the model is built on a small
@@ -63,20 +64,26 @@ def build_serving_module_from_checkpoint(
     config: config_pb2.ExperimentOptions, checkpoint_path: Optional[str],
     allow_partial: bool = False,
     precision: str = precision_options.FLOAT32,
-    jit_compile: bool = False) -> serving.PanopticServingModule:
+    jit_compile: bool = False,
+    fold_batch_norm: bool = False) -> serving.PanopticServingModule:
   """Model + checkpoint + eval preprocessing, ready to export or call.
 
   `precision` (one of `precision_options.SERVING_PRECISIONS`) is the
   network's compute dtype; the outputs are float32 / int32 in every case.
   `jit_compile` compiles the network and the merge with XLA.
+  `fold_batch_norm` computes each batch norm inside the convolution before
+  it (`layers/bn_folding.py`): faster, equal up to float rounding.
   """
   precision_lib.check_precision(precision,
                                 precision_options.SERVING_PRECISIONS,
                                 'precision')
   with precision_lib.keras_policy(precision):
     model = build_inference_model(config, checkpoint_path, allow_partial)
+  if fold_batch_norm:
+    bn_folding.enable(model)
   return serving.build_serving_module(
       model, config,
       extra_metadata={'checkpoint': str(checkpoint_path or ''),
-                      'precision': precision, 'jit_compile': jit_compile},
+                      'precision': precision, 'jit_compile': jit_compile,
+                      'fold_batch_norm': fold_batch_norm},
       jit_compile=jit_compile)

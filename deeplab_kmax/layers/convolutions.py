@@ -9,6 +9,10 @@ Checkpoint compatibility fixes the private attribute names used here: the
 convolution is `_conv` (`_depthwise_conv` for depthwise), the norm is
 `_batch_norm`, and a separable convolution holds `_depthwise` and
 `_pointwise`. DeepLab2 checkpoints address variables by these names.
+
+With `fold_batch_norm` switched on (`bn_folding.enable`), inference calls
+compute conv(x, W * s) + b instead of the convolution then the batch norm;
+see `bn_folding`.
 """
 
 from typing import Optional, Tuple
@@ -17,6 +21,7 @@ import tensorflow as tf
 import tf_keras
 
 from deeplab_kmax.layers import activations
+from deeplab_kmax.layers import bn_folding
 from deeplab_kmax.layers import normalization
 
 
@@ -27,7 +32,7 @@ def symmetric_padding(kernel_size: int, dilation: int) -> Tuple[int, int]:
   return total // 2, total - total // 2
 
 
-class _ConvNormAct(tf_keras.layers.Layer):
+class _ConvNormAct(bn_folding.FoldsBatchNorm, tf_keras.layers.Layer):
   """A convolution (built by the subclass) with DeepLab's padding, then an
   optional norm and activation.
 
@@ -74,6 +79,21 @@ class _ConvNormAct(tf_keras.layers.Layer):
       x = self._act(x)
     return x
 
+  def _folded_conv(self, x: tf.Tensor) -> tf.Tensor:
+    """conv(x, W * s) + b with the batch norm's s, b (`bn_folding`); for
+    the Keras convolution `_conv` (the depthwise subclass overrides it)."""
+    return bn_folding.convolve_folded(self._conv, self._batch_norm, x,
+                                      self._act is not None)
+
+  def _conv_tail(self, x: tf.Tensor, conv: tf_keras.layers.Layer,
+                 training) -> tf.Tensor:
+    """conv, norm, activation of the padded input: folded when switched on
+    for an inference call, else exactly as the layers compute them."""
+    if not (self._use_bn and self.folds_batch_norm(training)):
+      return self._apply_tail(conv(x), training)
+    x = self._folded_conv(x)
+    return x if self._act is None else self._act(x)
+
 
 class Conv2DSame(_ConvNormAct):
   """2-D convolution with symmetric padding, optional norm and activation.
@@ -104,7 +124,7 @@ class Conv2DSame(_ConvNormAct):
     self._init_tail(use_bias, **norm_act)
 
   def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
-    return self._apply_tail(self._conv(self._pad(inputs)), training)
+    return self._conv_tail(self._pad(inputs), self._conv, training)
 
 
 class DepthwiseConv2DSame(_ConvNormAct):
@@ -129,8 +149,20 @@ class DepthwiseConv2DSame(_ConvNormAct):
     self._init_tail(use_bias, **norm_act)
 
   def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
-    return self._apply_tail(self._depthwise_conv(self._pad(inputs)),
-                            training)
+    return self._conv_tail(self._pad(inputs), self._depthwise_conv,
+                           training)
+
+  def _folded_conv(self, x: tf.Tensor) -> tf.Tensor:
+    conv = self._depthwise_conv
+    in_channels, multiplier = conv.depthwise_kernel.shape[2:]
+    kernel, bias = bn_folding.fold(conv.depthwise_kernel, None,
+                                   self._batch_norm,
+                                   (in_channels, multiplier))
+    y = tf_keras.backend.depthwise_conv2d(
+        x, tf.cast(kernel, x.dtype), strides=conv.strides,
+        padding=conv.padding, data_format=conv.data_format,
+        dilation_rate=conv.dilation_rate)
+    return bn_folding.add_offset(y, bias, self._act is not None)
 
 
 class SeparableConv2DSame(tf_keras.layers.Layer):
@@ -233,4 +265,4 @@ class Conv1D(_ConvNormAct):
     self._init_tail(use_bias, bn_axis=2, **norm_act)
 
   def call(self, inputs: tf.Tensor, training=False) -> tf.Tensor:
-    return self._apply_tail(self._conv(inputs), training)
+    return self._conv_tail(inputs, self._conv, training)

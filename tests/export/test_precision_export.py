@@ -10,6 +10,7 @@ from deeplab_kmax import keys
 from deeplab_kmax.data import demo_dataset
 from deeplab_kmax.export import model_loading
 from deeplab_kmax.export import saved_model
+from deeplab_kmax.layers import bn_folding
 from tests.trainer import demo_step
 
 _CROP = 33
@@ -121,21 +122,26 @@ def test_bfloat16_saved_model_matches_float32(exported):
   assert agreement >= 0.99
 
 
+def _assert_same_serving_outputs(outputs, plain) -> None:
+  """Same keys and dtypes, floats within 1e-4, panoptic maps >= 99% equal."""
+  assert sorted(outputs) == sorted(plain)
+  for key, value in plain.items():
+    assert outputs[key].dtype == value.dtype, key
+    if value.dtype.is_floating:
+      np.testing.assert_allclose(outputs[key].numpy(), value.numpy(),
+                                 atol=1e-4, err_msg=key)
+  agreement = float(np.mean(outputs[keys.PANOPTIC_PRED].numpy() ==
+                            plain[keys.PANOPTIC_PRED].numpy()))
+  assert agreement >= 0.99, agreement
+
+
 @pytest.mark.slow
 def test_jit_compiled_serving_matches(exported):
   _, _, image, _ = exported
   plain = _module(exported).serve_image(tf.constant(image))
   compiled = _module(exported, jit_compile=True).serve_image(
       tf.constant(image))
-  assert sorted(compiled) == sorted(plain)
-  for key, value in plain.items():
-    assert compiled[key].dtype == value.dtype, key
-    if value.dtype.is_floating:
-      np.testing.assert_allclose(compiled[key].numpy(), value.numpy(),
-                                 atol=1e-4, err_msg=key)
-  agreement = float(np.mean(compiled[keys.PANOPTIC_PRED].numpy() ==
-                            plain[keys.PANOPTIC_PRED].numpy()))
-  assert agreement >= 0.99, agreement
+  _assert_same_serving_outputs(compiled, plain)
 
 
 def test_unknown_serving_precision_is_rejected():
@@ -143,3 +149,16 @@ def test_unknown_serving_precision_is_rejected():
                      "of 'float32', 'bfloat16', 'float16'"):
     model_loading.build_serving_module_from_checkpoint(None, None,
                                                        precision='int8')
+
+
+@pytest.mark.slow
+def test_folded_batch_norm_saved_model_matches(exported):
+  _, _, image, folder = exported
+  plain = _module(exported).serve_image(tf.constant(image))
+  module = _module(exported, fold_batch_norm=True)
+  assert bn_folding.enabled_count(module.model) > 10
+  path = saved_model.write_saved_model(module, str(folder / 'folded'))
+  _, serve, metadata = saved_model.load(path, keys.SIGNATURE_IMAGE)
+  assert metadata['fold_batch_norm'] is True
+  folded = serve(**{keys.INPUT_IMAGE: tf.constant(image)})
+  _assert_same_serving_outputs(folded, plain)
