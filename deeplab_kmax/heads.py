@@ -325,17 +325,15 @@ class MaXDeepLabHead(bn_folding.FoldsBatchNorm, tf_keras.layers.Layer):
                               mask_feature: tf.Tensor,
                               training=False) -> tf.Tensor:
     """Pixel-to-slot affinities [B, H, W, N]."""
-    kernels = self._transformer_mask_head(mask_feature, training=training)
+    kernels = tf.cast(self._transformer_mask_head(mask_feature,
+                                                  training=training),
+                      tf.float32)  # [B, N, E], float32 when mixed
+    feature = tf.cast(normalized_feature, tf.float32)  # [B, H, W, E]
     if self.folds_batch_norm(training):
       # One scalar s, b: einsum(f, k) * s + b = einsum(f, k * s) + b.
       scale, offset = bn_folding.affine(self._pixel_space_mask_batch_norm)
-      logits = tf.einsum('bhwe,bne->bhwn',
-                         tf.cast(normalized_feature, tf.float32),
-                         tf.cast(kernels, tf.float32) * scale)
-      return logits + offset
-    logits = tf.einsum('bhwe,bne->bhwn', tf.cast(normalized_feature,
-                                                 tf.float32),
-                       tf.cast(kernels, tf.float32))  # float32 when mixed
+      return tf.einsum('bhwe,bne->bhwn', feature, kernels * scale) + offset
+    logits = tf.einsum('bhwe,bne->bhwn', feature, kernels)  # [B, H, W, N]
     # One BN over a trailing singleton axis: gamma/beta shared by all slots.
     logits = self._pixel_space_mask_batch_norm(logits[..., None],
                                                training=training)
