@@ -37,7 +37,7 @@ setuptools.setup(
     packages=setuptools.find_packages(
         include=['deeplab_kmax', 'deeplab_kmax.*']) + [CONFIGS_PACKAGE],
     package_dir={CONFIGS_PACKAGE: 'configs'},
-    package_data={'deeplab_kmax': ['config/*.proto'],
+    package_data={'deeplab_kmax': ['config/*.proto', 'data/categories/*.csv'],
                   CONFIGS_PACKAGE: ['**/*.textproto']},
     entry_points={'console_scripts': CONSOLE_SCRIPTS},
     python_requires='>=3.10',

@@ -19,17 +19,14 @@ categories with `--write_descriptor=my_dataset.json --dataset_name=my_dataset`
 and point the experiment config's `dataset_descriptor` at it.
 """
 
-import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-if __package__ in (None, ''):  # Run as a script from a checkout.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _checkout  # pylint: disable=unused-import,g-bad-import-order
 
-from deeplab_kmax.data import converter_flags  # pylint: disable=g-import-not-at-top
+from deeplab_kmax.data import converter_flags
 from deeplab_kmax.data import dataset_info as dataset_info_lib
 from deeplab_kmax.data import panoptic_conversion
 

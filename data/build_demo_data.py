@@ -16,18 +16,15 @@ The descriptor is written last: with --reuse_existing a complete earlier
 build (descriptor and full shard sets) is kept, an interrupted one redone.
 """
 
-import os
-import sys
 import time
 
 from absl import flags
 
-if __package__ in (None, ''):  # Run as a script from a checkout.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _checkout  # pylint: disable=unused-import,g-bad-import-order
 
-from deeplab_kmax import cli_errors  # pylint: disable=g-import-not-at-top
-from deeplab_kmax.data import demo_dataset  # pylint: disable=g-import-not-at-top
-from deeplab_kmax.data import panoptic_conversion  # pylint: disable=g-import-not-at-top
+from deeplab_kmax import cli_errors
+from deeplab_kmax.data import demo_dataset
+from deeplab_kmax.data import panoptic_conversion
 
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', 'demo_output/data',
                                   'Where to write the dataset.')

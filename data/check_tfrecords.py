@@ -10,17 +10,15 @@ data would wait forever), 0 otherwise. A pattern that matches nothing is an
 error (`ERROR: ...`, non-zero status).
 """
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 
-if __package__ in (None, ''):  # Run as a script from a checkout.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _checkout  # pylint: disable=unused-import,g-bad-import-order
 
-from deeplab_kmax import cli_errors  # pylint: disable=g-import-not-at-top
-from deeplab_kmax.data import tfrecord_check  # pylint: disable=g-import-not-at-top
+from deeplab_kmax import cli_errors
+from deeplab_kmax.data import tfrecord_check
 
 _NUM_THREADS = flags.DEFINE_integer('num_threads', 8,
                                     'Files checked in parallel.')

@@ -107,61 +107,41 @@ class KMaXDeepLab(tf_keras.Model):
                post_processor: post_processing.MaskWisePostProcessor,
                name: str = 'kMaXDeepLab'):
     super().__init__(name=name)
-    self._pixel_encoder = pixel_encoder
-    self._pixel_decoder = pixel_decoder
-    self._transformer_decoder = transformer_decoder
-    self._predictor = predictor
-    self._post_processor = post_processor
+    self.pixel_encoder = pixel_encoder
+    self.pixel_decoder = pixel_decoder
+    self.transformer_decoder = transformer_decoder
+    self.predictor = predictor
+    self.post_processor = post_processor
 
   @property
   def checkpoint_items(self) -> Dict[str, tf.Module]:
     """DeepLab2's checkpoint layout: encoder, decoders and head parts."""
     return {
-        'encoder': self._pixel_encoder,
-        'pixel_decoder': self._pixel_decoder,
-        'transformer_decoder': self._transformer_decoder,
-        **self._predictor.checkpoint_items,
+        'encoder': self.pixel_encoder,
+        'pixel_decoder': self.pixel_decoder,
+        'transformer_decoder': self.transformer_decoder,
+        **self.predictor.checkpoint_items,
     }
-
-  @property
-  def pixel_encoder(self) -> tf_keras.layers.Layer:
-    return self._pixel_encoder
-
-  @property
-  def pixel_decoder(self) -> pixel_decoder_lib.KMaXPixelDecoder:
-    return self._pixel_decoder
-
-  @property
-  def transformer_decoder(self) -> kmax_decoder.KMaXTransformerDecoder:
-    return self._transformer_decoder
-
-  @property
-  def predictor(self) -> heads.MaXDeepLabHead:
-    return self._predictor
-
-  @property
-  def post_processor(self) -> post_processing.MaskWisePostProcessor:
-    return self._post_processor
 
   @property
   def auxiliary_output_number(self) -> int:
     """Deep-supervision predictions in training mode (one per k-means block)."""
-    return len(self._transformer_decoder.blocks)
+    return len(self.transformer_decoder.blocks)
 
   @property
   def backbone_variables(self) -> Sequence[tf.Variable]:
     """Trainable encoder variables (they get the backbone LR multiplier)."""
-    return self._pixel_encoder.trainable_variables
+    return self.pixel_encoder.trainable_variables
 
   def predict_raw(self, images: tf.Tensor,
                   training=False) -> Dict[str, Any]:
     """Network outputs before post-processing, for images in 0..255."""
     pixels = images / 127.5 - 1.0
-    endpoints = self._pixel_encoder(pixels, training=training)
+    endpoints = self.pixel_encoder(pixels, training=training)
     features = dict(endpoints)
-    features.update(self._pixel_decoder(endpoints, training=training))
-    features = self._transformer_decoder(features, training=training)
-    return self._predictor(features, training=training)
+    features.update(self.pixel_decoder(endpoints, training=training))
+    features = self.transformer_decoder(features, training=training)
+    return self.predictor(features, training=training)
 
   def call(self, images: tf.Tensor, training=False,
            run_post_processing: bool = True) -> Dict[str, Any]:
@@ -178,7 +158,7 @@ class KMaXDeepLab(tf_keras.Model):
       return outputs
     outputs.pop(keys.AUXILIARY_OUTPUTS, None)
     if run_post_processing:
-      outputs.update(self._post_processor(
+      outputs.update(self.post_processor(
           outputs[keys.PIXEL_SPACE_MASK_LOGITS],
           outputs[keys.TRANSFORMER_CLASS_LOGITS],
           output_size=tf.shape(images)[1:3]))

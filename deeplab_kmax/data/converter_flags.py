@@ -34,16 +34,14 @@ class ConverterFlags:
       raise app.UsageError(f'No split folder ({folders}) under {root}.')
     return splits
 
-  def convert_splits(self, image_folders: Mapping[str, str],
-                     tasks_of: Callable[[str, str], list],
-                     label_spec: Callable[..., Any]) -> None:
-    """A converter's whole run: finds the splits, lists each split's
-    `tasks_of(root, split)` and converts them with
-    `label_spec(treat_crowd_as_ignore=...)`."""
+  def convert_release(self, release) -> None:
+    """A converter's whole run for a `panoptic_conversion.ReleaseLayout`:
+    finds the splits, lists each split's tasks and converts them."""
     root = self.root.value
-    splits = self.splits_to_convert(image_folders)
-    spec = label_spec(treat_crowd_as_ignore=self.treat_crowd_as_ignore.value)
-    self.convert({split: tasks_of(root, split) for split in splits}, spec)
+    splits = self.splits_to_convert(release.image_folders)
+    spec = release.label_spec(self.treat_crowd_as_ignore.value)
+    self.convert({split: release.tasks_of(root, split) for split in splits},
+                 spec)
 
   def run(self, main: Callable[[List[str]], Any]) -> None:
     """Runs a converter's `main` with the root and output flags required;
@@ -85,3 +83,11 @@ def define_converter_flags(root_flag: str, root_help: str,
           'Label crowd thing segments as void (DeepLab2 default).'),
   )
 
+
+def run_release_converter(release) -> None:
+  """The main program of a converter whose release is described by a
+  `panoptic_conversion.ReleaseLayout` (data/build_cityscapes_data.py,
+  data/build_ade20k_data.py)."""
+  converter = define_converter_flags(release.root_flag, release.root_help,
+                                     release.num_shards)
+  converter.run(lambda argv: converter.convert_release(release))

@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -541,3 +541,34 @@ def ade20k_label_spec(info: dataset_info_lib.DatasetInfo,
   """ADE20K's JSON areas are not checked."""
   return LabelSpec.from_dataset_info(
       info, treat_crowd_as_ignore=treat_crowd_as_ignore, check_area=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseLayout:
+  """What a converter script needs to know about one benchmark's release
+  beyond the common flags (`converter_flags`): where its images are, how
+  its splits turn into tasks, and how its labels are read."""
+  root_flag: str  # The command-line flag naming the release's root folder.
+  root_help: str
+  num_shards: int  # Default shards per split.
+  image_folders: Mapping[str, str]  # split -> image folder under the root.
+  tasks_of: Callable[[str, str], List[ImageTask]]  # (root, split) -> tasks.
+  label_spec: Callable[[bool], LabelSpec]  # treat_crowd_as_ignore -> spec.
+
+
+CITYSCAPES_RELEASE = ReleaseLayout(
+    'cityscapes_root', 'Cityscapes dataset root folder.', num_shards=10,
+    image_folders={split: os.path.join('leftImg8bit', split)
+                   for split in ('train', 'val', 'test')},
+    tasks_of=cityscapes_tasks,
+    label_spec=lambda crowd_as_void: LabelSpec.from_dataset_info(
+        dataset_info_lib.CITYSCAPES_PANOPTIC,
+        treat_crowd_as_ignore=crowd_as_void))
+
+ADE20K_RELEASE = ReleaseLayout(
+    'ade20k_root', 'ADE20K dataset root folder.', num_shards=1000,
+    image_folders={split: os.path.join('images', folder)
+                   for split, folder in ADE20K_SPLIT_FOLDERS.items()},
+    tasks_of=ade20k_tasks,
+    label_spec=lambda crowd_as_void: ade20k_label_spec(
+        dataset_info_lib.ADE20K_PANOPTIC, crowd_as_void))

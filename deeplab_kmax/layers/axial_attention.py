@@ -145,12 +145,13 @@ class AxialAttention2D(tf_keras.layers.Layer):
   def __init__(self,
                filters: int,
                name: str = 'attention',
+               *,
                strides: int = 1,
+               bn_layer: normalization.NormLayer = (
+                   tf_keras.layers.BatchNormalization),
                key_expansion: float = 1.0,
                value_expansion: float = 2.0,
                num_heads: int = 8,
-               bn_layer: normalization.NormLayer = (
-                   tf_keras.layers.BatchNormalization),
                **axis_kwargs):
     super().__init__(name=name)
     if strides not in (1, 2):

@@ -87,7 +87,7 @@ class ClusterFormerLayer(kmeans_cross_attention.KMaXTransformerLayer):
       raise ValueError('clusterformer_iterations must be >= 0, got '
                        f'{clusterformer_iterations}.')
     self._iterations = int(clusterformer_iterations)
-    self._cluster_projection = self.conv1d(self._bottleneck,
+    self._cluster_projection = self.conv1d(self._widths.bottleneck,
                                            'cluster_projection')
     self._dispatch_scale = self.add_weight(
         name='dispatch_scale', shape=(), initializer='ones', trainable=True)
@@ -120,7 +120,7 @@ class ClusterFormerLayer(kmeans_cross_attention.KMaXTransformerLayer):
     states, gathered = self.cluster(pixels, centers, pixel_value, training)
     if gathered is None:  # T = 0: no clustering, no update.
       no_update = tf.zeros([tf.shape(centers)[0], centers.shape[1],
-                            self._memory_channels])  # [B, N, M]
+                            self._widths.memory])  # [B, N, M]
       return no_update, states[-1]
     gathered = self._kmeans_memory_batch_norm_retrieved_value(
         gathered, training=training)

@@ -60,14 +60,14 @@ class CMTTransformerLayer(kmeans_cross_attention.KMaXTransformerLayer):
         'pixel_cluster_interaction of the CMT decoder (its cross-attention '
         'already normalises over the pixels)')
     self._pixel_coordinate_conv = tf_keras.layers.Dense(
-        self._bottleneck, use_bias=False, kernel_initializer='zeros',
+        self._widths.bottleneck, use_bias=False, kernel_initializer='zeros',
         name='pixel_coordinate_conv')
     self._cross_query_conv_bn, self._pixel_key_conv_bn = (
         self.cross_attention_projections())
     self._cross_attention_batch_norm_retrieved_value = self._bn_layer(
         name='cross_attention_batch_norm_retrieved_value', axis=-1)
     self._cross_attention_conv3_bn = self.conv1d(
-        self._memory_channels, 'cross_attention_conv3_bn', gamma='zeros')
+        self._widths.memory, 'cross_attention_conv3_bn', gamma='zeros')
 
   def project_pixels(self, pixels: tf.Tensor, height: tf.Tensor,
                      width: tf.Tensor, training=False) -> tf.Tensor:

@@ -34,6 +34,7 @@ kMaX checkpoint restores every shared variable. Subclasses for the CMT and
 ClusterFormer decoders override `project_pixels` and `pixel_cluster_update`.
 """
 
+import dataclasses
 from typing import Callable, Dict, Optional, Tuple
 
 import tensorflow as tf
@@ -48,6 +49,23 @@ from deeplab_kmax.layers import drop_path
 from deeplab_kmax.layers import normalization
 
 AuxiliaryPredictorFn = Callable[[], tf_keras.layers.Layer]
+
+
+@dataclasses.dataclass(frozen=True)
+class CenterWidths:
+  """Channel widths of one transformer block; checked once, here."""
+  memory: int  # C of the cluster centres.
+  bottleneck: int  # Pixel / centre down-projections.
+  key: int  # Total query/key depth of the centre self-attention.
+  value: int  # Total value depth (self-attention and k-means update).
+  num_heads: int
+  feed_forward: int  # Hidden width of the centres' FFN (0: no FFN).
+
+  def __post_init__(self):
+    if self.key % self.num_heads or self.value % self.num_heads:
+      raise ValueError(f'key_channels ({self.key}) and value_channels '
+                       f'({self.value}) must be divisible by num_heads '
+                       f'({self.num_heads}).')
 
 
 def kmeans_assignment(mask_logits: tf.Tensor) -> tf.Tensor:
@@ -109,16 +127,9 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
         pixel_cluster_interaction,
         cluster_assignment.PIXEL_CLUSTER_INTERACTIONS,
         'pixel_cluster_interaction')
-    if key_channels % num_heads or value_channels % num_heads:
-      raise ValueError(f'key_channels ({key_channels}) and value_channels '
-                       f'({value_channels}) must be divisible by num_heads '
-                       f'({num_heads}).')
-    self._memory_channels = memory_channels
-    self._bottleneck = bottleneck_channels
-    self._key_channels = key_channels
-    self._value_channels = value_channels
-    self._num_heads = num_heads
-    self._feed_forward_channels = feed_forward_channels
+    self._widths = CenterWidths(memory_channels, bottleneck_channels,
+                                key_channels, value_channels, num_heads,
+                                feed_forward_channels)
     self._bn_layer = bn_layer
     self._act = activations.get_activation(activation) or tf.identity
     conv1d, qkv_init = self.conv1d, self.qkv_init
@@ -172,14 +183,14 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
   def qkv_init(self) -> tf_keras.initializers.Initializer:
     """Transformer-style init of a query/key/value kernel (one per kernel)."""
     return tf_keras.initializers.TruncatedNormal(
-        stddev=self._bottleneck ** -0.5)
+        stddev=self._widths.bottleneck ** -0.5)
 
   def cross_attention_projections(
       self) -> Tuple[convolutions.Conv1D, convolutions.Conv1D]:
     """Centre-query and pixel-key projections of a spatial cross-attention."""
-    return (self.conv1d(self._key_channels, 'cross_query_conv_bn',
+    return (self.conv1d(self._widths.key, 'cross_query_conv_bn',
                         init=self.qkv_init()),
-            self.conv1d(self._key_channels, 'pixel_key_conv_bn',
+            self.conv1d(self._widths.key, 'pixel_key_conv_bn',
                         init=self.qkv_init()))
 
   @property
@@ -249,7 +260,7 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
     retrieved, _ = cluster_assignment.spatial_softmax_attention(
         self._cross_query_conv_bn(centers, training=training),
         self._pixel_key_conv_bn(pixels, training=training),
-        pixel_value, self._num_heads)  # [B, N, V]
+        pixel_value, self._widths.num_heads)  # [B, N, V]
     return output_conv(norm(retrieved, training=training), training=training)
 
   def pixel_cluster_update(self, mask_logits: tf.Tensor, pixels: tf.Tensor,
@@ -308,10 +319,10 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
       raise ValueError(f'{self.name}: pixel_feature must be [B, H, W, C] '
                        f'with known C, got {pixel_feature.shape}.')
     if (cluster_centers.shape.rank != 3 or
-        cluster_centers.shape[-1] != self._memory_channels or
+        cluster_centers.shape[-1] != self._widths.memory or
         cluster_centers.shape[1] is None):
       raise ValueError(f'{self.name}: cluster_centers must be [B, N, '
-                       f'{self._memory_channels}] with known N, got '
+                       f'{self._widths.memory}] with known N, got '
                        f'{cluster_centers.shape}.')
     num_centers = cluster_centers.shape[1]
     shape = tf.shape(pixel_feature)
@@ -325,13 +336,13 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
                                  training=training)  # [B, HW, D]
     query, key, value = tf.split(
         self._memory_qkv_conv_bn(centers, training=training),
-        [self._key_channels, self._key_channels, self._value_channels],
+        [self._widths.key, self._widths.key, self._widths.value],
         axis=-1)
     pixel_value = self._pixel_v_conv_bn(pixels, training=training)
 
     # Pixel-cluster interaction (k-means by default): assign, then gather.
     pixel_map = tf.reshape(pixels,
-                           [-1, height, width, self._bottleneck])
+                           [-1, height, width, self._widths.bottleneck])
     predictions = self._auxiliary_clustering_predictor(
         {
             keys.FEATURE_PANOPTIC: pixel_map,
@@ -346,17 +357,17 @@ class KMaXTransformerLayer(tf_keras.layers.Layer):
                                                       training=training)
 
     # Self-attention among the centres.
-    heads = self._num_heads
+    heads = self._widths.num_heads
     attended = self._memory_attention(
         (attention.split_heads(query, heads), attention.split_heads(key, heads),
          tf.reshape(value, [-1, num_centers, heads,
-                            self._value_channels // heads])),
+                            self._widths.value // heads])),
         training=training)  # [B, N, V]
     attended = self._memory_conv3_bn(attended, training=training)
     output = self._act(
         output + self._attention_drop_path(attended, training=training))
 
-    if self._feed_forward_channels > 0:
+    if self._widths.feed_forward > 0:
       hidden = self._memory_ffn_conv1_bn_act(output, training=training)
       hidden = self._memory_ffn_conv2_bn(hidden, training=training)
       output = self._act(

@@ -212,7 +212,8 @@ def _write_png_ids(path, ids):
                            -1).astype(np.uint8)).save(path)
 
 
-def test_cityscapes_layout(tmp_path):
+def _write_cityscapes_tree(tmp_path):
+  """A one-image Cityscapes val split (road, two cars)."""
   root = tmp_path / 'cityscapes'
   image_dir = root / 'leftImg8bit' / 'val' / 'aachen'
   image_dir.mkdir(parents=True)
@@ -233,6 +234,11 @@ def test_cityscapes_layout(tmp_path):
               {'id': 7, 'category_id': 0, 'iscrowd': 0, 'area': 12},
               {'id': 26001, 'category_id': 13, 'iscrowd': 0, 'area': 6},
               {'id': 26002, 'category_id': 13, 'iscrowd': 0, 'area': 4}]}]}))
+  return root
+
+
+def test_cityscapes_layout(tmp_path):
+  root = _write_cityscapes_tree(tmp_path)
   tasks = panoptic_conversion.cityscapes_tasks(str(root), 'val')
   assert [t.stem for t in tasks] == ['aachen_000000_000019']
   shards = panoptic_conversion.write_split(
@@ -248,7 +254,8 @@ def test_cityscapes_layout(tmp_path):
   np.testing.assert_array_equal(values['panoptic_label'], expected)
 
 
-def test_ade20k_layout(tmp_path):
+def _write_ade20k_tree(tmp_path):
+  """A one-image ADE20K val split (wall, bed, void)."""
   root = tmp_path / 'ade'
   (root / 'images' / 'validation').mkdir(parents=True)
   Image.fromarray(np.full((3, 4), 50, np.uint8)).save(  # Grayscale is fine.
@@ -262,6 +269,11 @@ def test_ade20k_layout(tmp_path):
           {'id': 1, 'category_id': 0, 'iscrowd': 0, 'area': 99},  # wall
           {'id': 2, 'category_id': 7, 'iscrowd': 0, 'area': 4},  # bed
           {'id': 3, 'category_id': 255, 'iscrowd': 0, 'area': 2}]}]}))
+  return root
+
+
+def test_ade20k_layout(tmp_path):
+  root = _write_ade20k_tree(tmp_path)
   info = dataset_info.ADE20K_PANOPTIC
   shards = panoptic_conversion.write_split(
       panoptic_conversion.ade20k_tasks(str(root), 'val'),
@@ -273,3 +285,28 @@ def test_ade20k_layout(tmp_path):
   np.testing.assert_array_equal(
       label, [[1000, 1000, 8001, 8001], [1000, 1000, 8001, 8001],
               [0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize('script,root_flag,write_tree,release', [
+    ('build_cityscapes_data.py', 'cityscapes_root', _write_cityscapes_tree,
+     panoptic_conversion.CITYSCAPES_RELEASE),
+    ('build_ade20k_data.py', 'ade20k_root', _write_ade20k_tree,
+     panoptic_conversion.ADE20K_RELEASE),
+])
+def test_release_converter_scripts(script, root_flag, write_tree, release,
+                                   tmp_path):
+  """The Cityscapes / ADE20K command lines find the val split by its image
+  folder and write what the library writes from the release's layout."""
+  root = write_tree(tmp_path)
+  result = subprocess.run(
+      [sys.executable, os.path.join(_REPO, 'data', script),
+       f'--{root_flag}={root}', f'--output_dir={tmp_path / "script"}',
+       '--num_shards=1', '--num_workers=1'],
+      capture_output=True, text=True, timeout=240, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'val: 1 images, 1 shards' in result.stdout
+  shards = panoptic_conversion.write_split(
+      release.tasks_of(str(root), 'val'), release.label_spec(True),
+      str(tmp_path / 'library'), 'val', 1, show_progress=False)
+  assert (_records(tmp_path / 'script' / os.path.basename(shards[0])) ==
+          _records(shards[0]))
