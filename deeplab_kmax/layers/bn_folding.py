@@ -13,7 +13,11 @@ so variables, checkpoints and training are untouched: the switch only
 changes which ops an inference call emits. It is opt-in: results move at
 float-rounding level (W * s is rounded where x * s was), and recomputing the
 kernels per call costs memory (COCO R50 at 641x641 on CPU, 2026-12-02:
-3-8% faster, peak 2.47 GiB instead of 2.05 GiB; README, Benchmarks).
+3-8% faster, peak 2.47 GiB instead of 2.05 GiB; README, Benchmarks). Those
+figures predate the default inference path's fused batch norm
+(`normalization.BatchNormalization`), which now gets the convolutions on
+feature maps fused without folding; folding still covers the 1-D
+convolutions and the heads.
 
 `enable(model)` turns it on for every layer in `model` that supports it
 (`FoldsBatchNorm`); a tf.function traced before the switch keeps the graph

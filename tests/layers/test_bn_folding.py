@@ -199,22 +199,24 @@ from deeplab_kmax import model as model_lib
 from deeplab_kmax.layers import bn_folding
 config = config_lib.load_config('configs/coco/kmax_meta_r50.textproto')
 model = model_lib.build_model(config, crop_size=(65, 65))
-bn_folding.enable(model)
 image = tf.zeros([1, 65, 65, 3])
-outputs = tf.function(lambda x: model(x, training=False))(image)
-print('traced', sorted(outputs)[0])
+for folded in (False, True):
+  bn_folding.enable(model, folded)
+  outputs = tf.function(lambda x: model(x, training=False))(image)
+  print('traced', folded, sorted(outputs)[0])
 '''
 
 
-def test_folded_graph_keeps_grappler_fusions():
-  # A folded conv + BiasAdd + residual Add + Relu whose sum also feeds a
-  # stage endpoint makes grappler's remapper give up on the whole graph
-  # (logged, not raised), which would leave every convolution unfused.
+def test_inference_graphs_keep_grappler_fusions():
+  # A conv + bias (folded) or fused batch norm (default) + residual Add +
+  # Relu whose sum also feeds a stage endpoint can make grappler's remapper
+  # give up on the whole graph (logged, not raised), which would leave every
+  # convolution unfused.
   result = subprocess.run([sys.executable, '-c', _REMAPPER_PROBE],
                           capture_output=True, text=True, cwd=_REPO,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='1',
                                    PYTHONPATH=_REPO),
                           check=False, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'traced' in result.stdout
+  assert 'traced True' in result.stdout
   assert 'remapper failed' not in result.stderr, result.stderr[-3000:]
