@@ -102,8 +102,9 @@ def test_bfloat16_saved_model_matches_float32(exported):
     return model_loading.build_serving_module_from_checkpoint(
         config, checkpoint, **options)
 
+  float32_module = module()  # Held: the method keeps a weak reference.
   reference = {k: v.numpy() for k, v in
-               module().serve_image(tf.constant(image)).items()}
+               float32_module.serve_image(tf.constant(image)).items()}
   path = saved_model.write_saved_model(module(precision='bfloat16'),
                                        str(folder / 'bf16'))
   _, serve, metadata = saved_model.load(path, keys.SIGNATURE_IMAGE)
@@ -138,9 +139,9 @@ def _assert_same_serving_outputs(outputs, plain) -> None:
 @pytest.mark.slow
 def test_jit_compiled_serving_matches(exported):
   _, _, image, _ = exported
-  plain = _module(exported).serve_image(tf.constant(image))
-  compiled = _module(exported, jit_compile=True).serve_image(
-      tf.constant(image))
+  modules = _module(exported), _module(exported, jit_compile=True)  # Held.
+  plain, compiled = (module.serve_image(tf.constant(image))
+                     for module in modules)
   _assert_same_serving_outputs(compiled, plain)
 
 
@@ -154,7 +155,10 @@ def test_unknown_serving_precision_is_rejected():
 @pytest.mark.slow
 def test_folded_batch_norm_saved_model_matches(exported):
   _, _, image, folder = exported
-  plain = _module(exported).serve_image(tf.constant(image))
+  # Held in a name: a tf.function method keeps only a weak reference to its
+  # module, so a temporary one can be collected in the middle of the call.
+  plain_module = _module(exported)
+  plain = plain_module.serve_image(tf.constant(image))
   module = _module(exported, fold_batch_norm=True)
   assert bn_folding.enabled_count(module.model) > 10
   path = saved_model.write_saved_model(module, str(folder / 'folded'))
