@@ -1,10 +1,12 @@
 """Serving in bfloat16 / with XLA: same outputs (keys, dtypes, maps)."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 from deeplab_kmax import keys
 from deeplab_kmax.data import demo_dataset
@@ -14,6 +16,9 @@ from deeplab_kmax.layers import bn_folding
 from tests.trainer import demo_step
 
 _CROP = 33
+# Fixed weights, so that a failure reproduces (DEEPLAB_KMAX_TEST_SEED tries
+# other draws).
+_SEED = int(os.environ.get('DEEPLAB_KMAX_TEST_SEED', '0'))
 # Low thresholds, so the random-weight model's unconfident slots are not
 # all dropped. With a pixel threshold of 0.0 every slot claims every pixel,
 # so the first pasted slot covers the image; the bfloat16 test therefore
@@ -45,6 +50,7 @@ def fixture_exported(tmp_path_factory):
     setattr(config.evaluator_options.maskwise_postprocessing, name, value)
   config.evaluator_options.thing_area_limit = 0
   config.evaluator_options.stuff_area_limit = 0
+  tf_keras.utils.set_random_seed(_SEED)
   model = demo_step.build_model(config, _CROP)
   checkpoint = tf.train.Checkpoint(**model.checkpoint_items).write(
       str(folder / 'ckpt'))
@@ -87,13 +93,6 @@ def _sharp_masks(exported):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    'Still no map worth comparing (2026-12-01, scene (3, 0, 0)): with the '
-    'fixture\'s pixel threshold 0.0 every slot claims every pixel, so the '
-    'first pasted slot covers the image (one segment); with the default '
-    '0.4 and the mask batch-norm gamma at 0.1 or 10 the float32 map is all '
-    'void. Needs confident, spatially varied masks (a trained tiny '
-    'checkpoint). Issue 13 open.'))
 def test_bfloat16_saved_model_matches_float32(exported):
   _, _, image, folder = exported
   config, checkpoint = _sharp_masks(exported)
@@ -115,12 +114,22 @@ def test_bfloat16_saved_model_matches_float32(exported):
   for key, value in reference.items():
     assert outputs[key].dtype == value.dtype, key
     assert outputs[key].shape == value.shape, key
-  panoptic = reference[keys.PANOPTIC_PRED]
-  assert _segments(panoptic) >= 3  # A map worth comparing.
-  agreement = float(np.mean(outputs[keys.PANOPTIC_PRED] == panoptic))
-  print(f'bfloat16 vs float32 panoptic agreement: {agreement:.4f} '
-        f'({_segments(panoptic)} segments)')
-  assert agreement >= 0.99
+  # The untrained model's masks give no panoptic segments worth comparing
+  # (one void segment; a trained checkpoint would, the suite has none), but
+  # its semantic head runs the whole network: its near-uniform class
+  # probabilities (~0.017) and their argmax are what bfloat16 must keep.
+  # Measured 2026-12-02, seeds 0-2: probabilities within 2.2e-4, labels
+  # 96-98% equal (the rest near-ties of the untrained model).
+  labels = reference[keys.SEMANTIC_PRED]
+  agreement = float(np.mean(outputs[keys.SEMANTIC_PRED] == labels))
+  largest = float(np.max(np.abs(outputs[keys.SEMANTIC_PROBS] -
+                                reference[keys.SEMANTIC_PROBS])))
+  print(f'bfloat16 vs float32 semantic agreement: {agreement:.4f} '
+        f'({_segments(labels)} classes), largest probability difference '
+        f'{largest:.3g}')
+  assert largest <= 1e-3
+  assert _segments(labels) >= 3  # A map worth comparing.
+  assert agreement >= 0.9
 
 
 def _assert_same_serving_outputs(outputs, plain) -> None:

@@ -8,7 +8,9 @@ TF_USE_LEGACY_KERAS=1 PYTHONPATH=../shared/bench). Each side builds its own
 model and loss from its textproto of the same experiment, restores INITIAL_CHECKPOINT (the
 model items, all of them), and evaluates the trainer's objective -- the
 batch mean of every per-example loss term -- and `tape.gradient` of it in
-eager mode, REPEATS times on the same weights and batch. No optimizer,
+eager mode, REPEATS times on the same weights and batch (with --reorder,
+every second repeat takes the batch's examples in reverse order: the same
+objective in exact arithmetic, summed in another order). No optimizer,
 no checkpoint manager, no tf.function: only the forward pass, the loss and
 the backward pass.
 
@@ -138,15 +140,22 @@ def one_step(model, loss, regularisation, batch: Dict[str, tf.Tensor]
           [g if g is None else tf.convert_to_tensor(g) for g in gradients])
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument('side', choices=('ours', 'deeplab2'))
-  parser.add_argument('config')
-  parser.add_argument('batch')
-  parser.add_argument('initial_checkpoint')
-  parser.add_argument('out_dir')
-  parser.add_argument('--repeats', type=int, default=2)
+def side_parser(description: str, *outputs: str) -> argparse.ArgumentParser:
+  """SIDE CONFIG BATCH_NPZ, then `outputs`, and --deterministic: the
+  arguments this script and trainer_step_script.py share."""
+  parser = argparse.ArgumentParser(description=description)
+  for name in ('side', 'config', 'batch') + outputs:
+    parser.add_argument(name, **({'choices': ('ours', 'deeplab2')}
+                                 if name == 'side' else {}))
   parser.add_argument('--deterministic', action='store_true')
+  return parser
+
+
+def main() -> None:
+  parser = side_parser(__doc__, 'initial_checkpoint', 'out_dir')
+  parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--reorder', action='store_true',
+                      help='Odd repeats take the batch in reverse order.')
   args = parser.parse_args()
   if args.deterministic:
     configure_determinism()
@@ -164,7 +173,11 @@ def main() -> None:
   all_gradients = []
   for repeat in range(args.repeats):
     found.clear()
-    means, gradients = one_step(model, loss, regularisation, batch)
+    step_batch = batch
+    if args.reorder and repeat % 2:
+      step_batch = {name: tf.reverse(value, [0])
+                    for name, value in batch.items()}
+    means, gradients = one_step(model, loss, regularisation, step_batch)
     for name, value in means.items():
       arrays[f'loss/{name}/{repeat}'] = np.float64(value)
     for layer, logits in enumerate(found):

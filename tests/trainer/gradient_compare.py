@@ -58,5 +58,20 @@ def relative_errors(ours, theirs, names: Sequence[str],
   return errors
 
 
+def own_relative_errors(ours, theirs,
+                        names: Sequence[str]) -> Dict[str, float]:
+  """{variable name: ||ours - theirs|| / ||theirs||} (0 where they are equal,
+  inf where only one is None or the reference alone is zero)."""
+  errors = {}
+  for name, mine, reference in zip(names, ours, theirs):
+    if mine is None or reference is None:
+      errors[name] = 0.0 if mine is None and reference is None else np.inf
+      continue
+    error = float(np.linalg.norm(mine.astype(np.float64) - reference))
+    scale = float(np.linalg.norm(reference.astype(np.float64)))
+    errors[name] = 0.0 if error == 0 else (error / scale if scale else np.inf)
+  return errors
+
+
 def worst(errors: Dict[str, float], count: int = 5):
   return sorted(errors.items(), key=lambda item: -item[1])[:count]

@@ -60,7 +60,10 @@ def test_mirrored_two_cpus_matches_one_device():
   assert report['losses_single'] == pytest.approx(report['losses_mirrored'],
                                                   abs=1e-6)
   assert report['max_weight_change'] > 1e-3  # Training did move the weights.
-  assert report['max_weight_diff'] < 1e-6
+  # The two runs sum the per-example gradients in different orders; Adam
+  # normalises each step, so rounding shows relative to the step size, not
+  # to the weights (seen 1.5e-7 - 1.2e-6 of an update of 0.05).
+  assert report['max_weight_diff'] < 1e-4 * report['max_weight_change']
   # Bit-equality is the point here: mirrored copies get the same reduced
   # gradient and run the same element-wise update on the same values, so
   # they stay identical on any CPU; any drift means replicas disagree.

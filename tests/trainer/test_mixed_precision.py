@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 from deeplab_kmax import config as config_lib
 from deeplab_kmax import keys
@@ -12,9 +13,11 @@ from tests.trainer import gradient_compare
 
 _CROP = 33
 # XLA against the plain step: see test_jit_compiled_gradients_match_the_plain_
-# ones. Not yet met, see its xfail reason.
+# ones.
 _XLA_LOSS_RTOL = 1e-5
 _XLA_GRADIENT_RTOL = 1e-4
+_NOISE_REORDER = 1e-2
+_REORDER_MARGIN = 10.0
 
 
 def test_unknown_precision_is_rejected_naming_the_field():
@@ -80,42 +83,50 @@ def _check_variables(model, reference, start, must_move: bool):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    'Not rounding: before any update the XLA forward already gives another '
-    'semantic loss, 1.94111 vs 1.94448 plain (1.7e-3 relative; 2026-12-01, '
-    'demo model, crop 33), so the gradients were not reached. Cause open '
-    '(candidates: a top-k / hard-pixel selection or a resize that XLA '
-    'lowers differently). Issue 13 open.'))
-def test_jit_compiled_gradients_match_the_plain_ones():
+def test_jit_compiled_gradients_match_the_plain_ones(monkeypatch):
   """XLA computes the same loss and gradients, up to float rounding.
 
-  Compared before the optimizer. XLA's CPU fusions reorder float sums, so
-  the gradients agree to rounding, not bit for bit; and gradients that are
-  zero in exact arithmetic (a bias or beta feeding a training-mode batch
-  norm) are rounding noise of a different sign in each build. After one
-  Adam step such noise is a full step: the first update is
-  lr * m / (sqrt(v) + eps) = lr * g / (|g| + eps), about lr * sign(g)
-  whatever |g| is, which is why comparing the weights after one step found
-  1.4% of the stem kernel differing by up to 2 * lr. The gradients are
-  therefore measured with the norm-relative measure of the train-step
-  parity test (gradient_compare), against _XLA_GRADIENT_RTOL.
+  Compared before the optimizer, with the ASPP dropout off: XLA ignores op
+  seeds, so its dropout masks are not the plain step's (which is what made
+  the semantic loss differ by 1.7e-3 before). XLA's CPU fusions reorder
+  float sums, so the gradients agree to rounding, not bit for bit. How
+  much rounding a gradient shows is measured: the plain step on the batch's
+  examples in reverse order. Gradients that move by more than
+  _NOISE_REORDER of themselves are zero in exact arithmetic (a bias or
+  beta feeding a training-mode batch norm or a softmax over the same axis)
+  and are not compared; every other one must agree to
+  max(_XLA_GRADIENT_RTOL, _REORDER_MARGIN x its movement).
   """
+  monkeypatch.setattr(tf_keras.layers.Dropout, 'call',
+                      lambda self, inputs, training=None: inputs)
+  tf_keras.utils.set_random_seed(0)
   config = demo_step.demo_config()
   model = demo_step.build_model(config, _CROP)
   trainer = gradient_compare.trainer_for(config, model, _CROP,
                                          jit_compile=True)
   batch = demo_step.synthetic_batch(_CROP)
+  reversed_batch = {name: tf.reverse(value, [0])
+                    for name, value in batch.items()}
   # pylint: disable=protected-access
   plain_means, _, plain = trainer._loss_and_gradients(batch)
+  _, _, reordered = trainer._loss_and_gradients(reversed_batch)
   compiled_means, _, compiled = trainer._gradients_fn(batch)
   # pylint: enable=protected-access
   for name, value in plain_means.items():
     assert float(compiled_means[name]) == pytest.approx(
         float(value), rel=_XLA_LOSS_RTOL, abs=1e-6), name
   names = [v.name for v in model.trainable_variables]
-  errors = gradient_compare.relative_errors(
-      gradient_compare.as_numpy(compiled), gradient_compare.as_numpy(plain),
-      names)
-  worst = gradient_compare.worst(errors)
-  print('largest norm-relative gradient differences, XLA vs plain:', worst)
-  assert worst[0][1] <= _XLA_GRADIENT_RTOL, worst
+  plain = gradient_compare.as_numpy(plain)
+  movement = gradient_compare.own_relative_errors(
+      gradient_compare.as_numpy(reordered), plain, names)
+  errors = gradient_compare.own_relative_errors(
+      gradient_compare.as_numpy(compiled), plain, names)
+  noise = {name for name, moved in movement.items() if moved > _NOISE_REORDER}
+  assert len(noise) < 0.05 * len(names), sorted(noise)
+  shares = {name: error / max(_XLA_GRADIENT_RTOL,
+                              _REORDER_MARGIN * movement[name])
+            for name, error in errors.items() if name not in noise}
+  worst = gradient_compare.worst(shares)
+  print(f'{len(noise)} noise gradients; worst XLA difference relative to '
+        'its tolerance:', worst)
+  assert worst[0][1] <= 1.0, worst
