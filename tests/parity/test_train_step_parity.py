@@ -677,11 +677,11 @@ def compare_runs(ours_dir: str, theirs_dir: str, reordered_dir: str,
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_train_steps_match_deeplab2(name, tmp_path):
   if os.environ.get(OPT_IN) != '1':
-    pytest.skip(f'Set {OPT_IN}=1 to run: each case builds both models four '
-                'times (an eager step and a 3-step trainer run on each side); '
-                'on the shared 2-core machine under load (2026-12-01) the '
-                'eager half alone took over 20 minutes per case, far beyond '
-                'the default suite budget of about 2 minutes.')
+    pytest.skip(f'Set {OPT_IN}=1 to run: each case runs five single-'
+                'threaded processes (an eager step on each side, 3 steps of '
+                "DeepLab2's trainer and two 3-step runs of ours), 15-23 min "
+                'per case on the 2-core machine (2026-12-02), far beyond the '
+                "suite's budget.")
   bench = support.bench_dir()
   if bench is None:
     pytest.skip('DeepLab2 sources (../shared/bench/deeplab2) are absent; this '
