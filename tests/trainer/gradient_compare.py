@@ -1,11 +1,13 @@
 """Two gradients of the same model compared variable by variable.
 
-The measure of tests/parity/test_train_step_parity.py: a variable's error
-is ||ours - theirs|| / max(||theirs||, FLOOR * ||whole gradient||). Gradients
-that are zero in exact arithmetic (a bias or beta feeding a training-mode
-batch norm) come out as float noise of ~1e-9 of the whole gradient, different
-for every summation order; the floor keeps that noise from counting as a
-relative error of order 1.
+Two measures. `relative_errors`: ||ours - theirs|| / max(||theirs||,
+FLOOR * ||whole gradient||); gradients that are zero in exact arithmetic
+(a bias or beta feeding a training-mode batch norm) come out as float noise
+of ~1e-9 of the whole gradient, different for every summation order, and
+the floor keeps that noise from counting as a relative error of order 1.
+`own_relative_errors`: relative to the variable's own gradient alone, for
+tests that measure each variable's rounding (e.g. by reversing the batch)
+and set its tolerance from that, as the train-step parity test does.
 """
 
 from typing import Dict, Optional, Sequence
