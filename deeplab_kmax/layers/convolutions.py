@@ -32,6 +32,26 @@ def symmetric_padding(kernel_size: int, dilation: int) -> Tuple[int, int]:
   return total // 2, total - total // 2
 
 
+class _Conv2D(tf_keras.layers.Conv2D):
+  """Keras Conv2D whose dilated convolutions run as a single Conv2D op.
+
+  `tf.nn.convolution` turns a dilated convolution into space-to-batch, a
+  convolution of many small tiles and batch-to-space. For ASPP's rates 6, 12
+  and 18 on a 21x21 map that costs 4-13x the time of the Conv2D kernel's own
+  `dilations`, forward and backward (`benchmarks/dilated_conv_benchmark.py`).
+  Same variables and checkpoint names; outputs differ by float rounding.
+  """
+
+  def convolution_op(self, inputs, kernel):
+    if (self.dilation_rate == (1, 1) or self.groups != 1 or
+        not isinstance(self.padding, str) or self.padding == 'causal'):
+      return super().convolution_op(inputs, kernel)
+    return tf.nn.conv2d(
+        inputs, kernel, strides=list(self.strides),
+        padding=self.padding.upper(), dilations=list(self.dilation_rate),
+        data_format=self._tf_data_format, name=self.__class__.__name__)
+
+
 class _ConvNormAct(bn_folding.FoldsBatchNorm, tf_keras.layers.Layer):
   """A convolution (built by the subclass) with DeepLab's padding, then an
   optional norm and activation.
@@ -112,7 +132,7 @@ class Conv2DSame(_ConvNormAct):
                kernel_init='he_normal',
                **norm_act):
     super().__init__(name=name)
-    self._conv = tf_keras.layers.Conv2D(
+    self._conv = _Conv2D(
         output_channels,
         kernel_size,
         strides=strides,
