@@ -32,6 +32,22 @@ def symmetric_padding(kernel_size: int, dilation: int) -> Tuple[int, int]:
   return total // 2, total - total // 2
 
 
+def _kernel_dilations_differentiable(dtype: tf.DType) -> bool:
+  """Whether the Conv2D op's own `dilations` have a gradient here.
+
+  TensorFlow's plain CPU kernels compute dilated convolutions forward but not
+  their gradients; the oneDNN kernels (on by default on x86, off with
+  TF_ENABLE_ONEDNN_OPTS=0) do, for float32 and bfloat16 (GPUs do too).
+  """
+  if dtype not in (tf.float32, tf.bfloat16):
+    return False
+  try:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+    return bool(_pywrap_util_port.IsMklEnabled())
+  except (ImportError, AttributeError):  # a build without the flag
+    return False
+
+
 class _Conv2D(tf_keras.layers.Conv2D):
   """Keras Conv2D whose dilated convolutions run as a single Conv2D op.
 
@@ -39,12 +55,15 @@ class _Conv2D(tf_keras.layers.Conv2D):
   convolution of many small tiles and batch-to-space. For ASPP's rates 6, 12
   and 18 on a 21x21 map that costs 4-13x the time of the Conv2D kernel's own
   `dilations`, forward and backward (`benchmarks/dilated_conv_benchmark.py`).
-  Same variables and checkpoint names; outputs differ by float rounding.
+  Where that op has no gradient (see `_kernel_dilations_differentiable`)
+  Keras' computation stays. Same variables and checkpoint names; outputs
+  differ by float rounding.
   """
 
   def convolution_op(self, inputs, kernel):
     if (self.dilation_rate == (1, 1) or self.groups != 1 or
-        not isinstance(self.padding, str) or self.padding == 'causal'):
+        not isinstance(self.padding, str) or self.padding == 'causal' or
+        not _kernel_dilations_differentiable(inputs.dtype)):
       return super().convolution_op(inputs, kernel)
     return tf.nn.conv2d(
         inputs, kernel, strides=list(self.strides),

@@ -56,3 +56,17 @@ def test_undilated_conv_unchanged():
   layer(x)
   want = tf.nn.conv2d(x, layer._conv.kernel, 1, 'SAME')  # pylint: disable=protected-access
   np.testing.assert_array_equal(layer(x).numpy(), want.numpy())
+
+
+def test_float16_keeps_a_differentiable_dilated_convolution():
+  # No CPU kernel computes the gradient of a dilated float16 Conv2D.
+  x = tf.cast(tf.random.stateless_normal([1, 21, 21, 8], seed=[3, 4]),
+              tf.float16)
+  conv = convolutions._Conv2D(  # pylint: disable=protected-access
+      4, 3, padding='same', dilation_rate=6, use_bias=False, dtype='float16')
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = conv(x)
+  gradients = tape.gradient(y, [x, conv.kernel])
+  assert all(np.isfinite(g.numpy().astype(np.float32)).all()
+             for g in gradients)
