@@ -15,6 +15,7 @@ compute conv(x, W * s) + b instead of the convolution then the batch norm;
 see `bn_folding`.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import tensorflow as tf
@@ -39,8 +40,12 @@ def _kernel_dilations_differentiable(dtype: tf.DType) -> bool:
   their gradients; the oneDNN kernels (on by default on x86, off with
   TF_ENABLE_ONEDNN_OPTS=0) do, for float32 and bfloat16 (GPUs do too).
   """
-  if dtype not in (tf.float32, tf.bfloat16):
-    return False
+  return dtype in (tf.float32, tf.bfloat16) and _onednn_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_enabled() -> bool:
+  """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at start-up."""
   try:
     from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
     return bool(_pywrap_util_port.IsMklEnabled())

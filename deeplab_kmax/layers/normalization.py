@@ -14,10 +14,12 @@ convolution before it (and the ReLU after it).
 
 Training under a single replica (no tf.distribute strategy, or one with one
 replica in sync) has no statistics to synchronise, so a synchronised batch
-norm there equals a plain one: it runs Keras' own fused training path
-(FusedBatchNormV3 + FusedBatchNormGradV3) instead of moments, Mul and Add ops
-and their gradients, which took ~12% of a COCO R50 training step. Several
-replicas keep Keras' synchronised computation. Results (outputs, gradients,
+norm there equals a plain one: it runs FusedBatchNormV3 (and its gradient)
+instead of moments, Mul and Add ops and their gradients, which took ~12% of
+a COCO R50 training step. The moving variance still takes the biased batch
+variance, as the synchronised computation does (Keras' own fused path would
+store the unbiased one). Several replicas keep Keras' synchronised
+computation. Results (outputs, gradients,
 moving statistics) move at float-rounding level.
 """
 
