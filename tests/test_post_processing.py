@@ -493,7 +493,7 @@ def test_two_claim_paste_equals_the_dense_paste(overlapping_threshold):
   dense = pp.paste_masks_in_order(
       pp.masks_in_rank_order(claims, rank_to_slot), pasteable,
       overlapping_threshold)
-  top_probs, claim_slots = tf.math.top_k(probs, k=2)
+  top_probs, claim_slots = pp.top_two_slots(probs)
   two_claim = pp.paste_two_claim_masks(claim_slots, top_probs > 0.4,
                                        rank_to_slot, pasteable,
                                        overlapping_threshold)
@@ -501,3 +501,29 @@ def test_two_claim_paste_equals_the_dense_paste(overlapping_threshold):
   assert np.sum(np.sum(claims.numpy(), axis=-1) == 2) > 20
   np.testing.assert_array_equal(two_claim.numpy(), dense.numpy())
   assert len(np.unique(dense.numpy())) > 5
+
+
+def test_top_two_slots_are_top_k():
+  """Same slots and probabilities as tf.math.top_k(k=2) without ties; with
+  ties, the same probabilities and the same claimed set above 0.34."""
+  rng = np.random.default_rng(3)
+  probs = tf.nn.softmax(rng.standard_normal((2, 500, 37)).astype(np.float32)
+                        * 3)
+  values, slots = pp.top_two_slots(probs)
+  expected = tf.math.top_k(probs, k=2)
+  np.testing.assert_array_equal(slots.numpy(), expected.indices.numpy())
+  np.testing.assert_array_equal(values.numpy(), expected.values.numpy())
+
+  tied = np.zeros((1, 4, 6), np.float32)
+  tied[0, 0, [1, 4]] = 0.5  # two-way tie for first: both claim
+  tied[0, 1, :5] = 0.2  # five-way tie: nothing claims
+  tied[0, 2, [0, 2, 5]] = [0.4, 0.3, 0.3]  # tie for second: one claim
+  tied[0, 3, [3, 5]] = [0.25, 0.75]
+  values, slots = pp.top_two_slots(tf.constant(tied))
+  expected = tf.math.top_k(tied, k=2)
+  np.testing.assert_array_equal(values.numpy(), expected.values.numpy())
+  for row in range(4):
+    claimed = {int(s) for s, v in zip(slots[0, row], values[0, row])
+               if v > pp.TWO_CLAIMS_MIN_THRESHOLD}
+    assert claimed == set(np.flatnonzero(tied[0, row] > 0.34)), row
+  assert sorted(slots[0, 0].numpy().tolist()) == [1, 4]
