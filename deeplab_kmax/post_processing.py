@@ -393,11 +393,15 @@ def maskwise_panoptic_inference(
   if uses_two_claim_paste(options.pixel_confidence_threshold, num_slots):
     top_probs, claim_slots = top_two_slots(probs)  # [B, P, 2]
     pixel_confidence = top_probs[..., 0]  # = max over the slots
+    # The softmax keeps the logits' order, so this is their argmax too (up
+    # to logits so close that their probabilities round to the same float).
+    best_slot = claim_slots[..., 0]  # [B, P]
     canvas = paste_two_claim_masks(
         claim_slots, top_probs > options.pixel_confidence_threshold,
         rank_to_slot, pasteable, options.overlapping_threshold)  # [B, P]
   else:
     pixel_confidence = tf.reduce_max(probs, axis=-1)  # [B, P]
+    best_slot = tf.argmax(upsampled, axis=-1, output_type=tf.int32)
     binary_masks = masks_in_rank_order(
         probs > options.pixel_confidence_threshold, rank_to_slot)  # [B, P, N]
     canvas = paste_masks_in_order(binary_masks, pasteable,
@@ -436,7 +440,6 @@ def maskwise_panoptic_inference(
   instance_scores = tf.where(detected, pixel_confidence, 0.0)
 
   # Threshold-free semantic prediction: pixel -> best slot -> its class.
-  best_slot = tf.argmax(upsampled, axis=-1, output_type=tf.int32)  # [B, P]
   semantic_class = tf.gather(classes, best_slot, batch_dims=1)  # [B, P]
   semantic = tf.gather(semantic_ids, semantic_class)
 
