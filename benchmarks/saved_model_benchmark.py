@@ -99,8 +99,9 @@ def _time(job):
                             platform.processor() or platform.machine())}
   start = time.perf_counter()
   if job['task'] == 'in_process':
+    # Held here: a tf.function method keeps its module only weakly.
     module = _serving_module(job)
-    function = lambda image: module.serve_image(image)  # pylint: disable=unnecessary-lambda
+    function = module.serve_image
   else:
     loaded = tf.saved_model.load(job['saved_model_dir'])
     function = loaded.signatures['serving_default']

@@ -196,7 +196,7 @@ def top_two_slots(probs: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
   """The two most probable slots of each pixel and their probabilities.
 
   Two argmax passes instead of `tf.math.top_k(probs, k=2)`, whose per-row sort
-  took about twice as long on CPU at full resolution. Which of two equal
+  took 1.3-1.7x as long on CPU at full resolution. Which of two equal
   probabilities comes first may differ from top_k, which changes nothing
   downstream: the paste orders claimants by rank, and at a threshold of
   TWO_CLAIMS_MIN_THRESHOLD or more a tie for second place is never a claim
@@ -213,8 +213,8 @@ def top_two_slots(probs: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
   is_first = tf.equal(tf.range(num_slots), first[..., tf.newaxis])  # [B, P, N]
   others = tf.where(is_first, tf.constant(-1.0, probs.dtype), probs)
   second = tf.argmax(others, axis=-1, output_type=tf.int32)  # [B, P]
-  # Maxima rather than a gather at the two slots: as fast here, and no
-  # flattened index that could pass 2**31 for big batches at full size.
+  # Maxima rather than a gather at the two slots: no faster or slower here,
+  # and no flattened index that could pass 2**31 for big batches.
   top_probs = tf.stack([tf.reduce_max(probs, axis=-1),
                         tf.reduce_max(others, axis=-1)], axis=-1)
   return top_probs, tf.stack([first, second], axis=-1)
