@@ -52,11 +52,13 @@ def _make_confident(model, class_index: int, bias: float) -> int:
   return changed
 
 
-def _detected_fraction(model, crop) -> float:
-  """Share of slots whose best non-void class passes 0.5 (stuff threshold)."""
+def _detected_fraction(model, crop, batch) -> float:
+  """Share of slots whose best non-void class passes 0.5 (stuff threshold),
+  on the input side_by_side's worker times."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  x = tf.zeros([1] + list(crop) + [3])
+  x = tf.constant(np.random.default_rng(0).uniform(
+      0, 255, [batch] + list(crop) + [3]).astype(np.float32))
   logits = model(x, training=False)['transformer_class_logits']
   probs = tf.nn.softmax(logits, axis=-1)[..., :-1]
   return float(np.mean(tf.reduce_max(probs, axis=-1).numpy() > 0.5))
@@ -81,8 +83,8 @@ def _worker(job) -> dict:
       batch=job['batch'], mode='infer', repeats=job['repeats'],
       warmup=job['warmup'])
   # After the timing, so that this eager call does not count in peak RSS.
-  result['detected_fraction'] = _detected_fraction(extra.pop('model'),
-                                                   job['crop'])
+  result['detected_fraction'] = _detected_fraction(
+      extra.pop('model'), job['crop'], job['batch'])
   result.update(extra)
   return result
 
