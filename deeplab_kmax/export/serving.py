@@ -472,12 +472,19 @@ class PanopticServingModule(tf.Module):
     return outputs
 
   def signatures(self) -> Dict[str, Any]:
-    """The concrete functions to export, keyed by signature name."""
+    """The functions to export, keyed by signature name.
+
+    The tf.functions themselves (their input signatures are fixed), not
+    concrete functions: `tf.saved_model.save` traces every function once more
+    in its save context, and a concrete function traced before the save
+    would be written beside that trace, doubling the graph library (and the
+    memory `tf.saved_model.load` takes to read it).
+    """
     return {
-        keys.SIGNATURE_IMAGE: self.serve_image.get_concrete_function(),
-        keys.SIGNATURE_BATCH: self.serve_batch.get_concrete_function(),
-        keys.SIGNATURE_ENCODED: self.serve_encoded.get_concrete_function(),
-        keys.SIGNATURE_LOGITS: self.serve_logits.get_concrete_function(),
+        keys.SIGNATURE_IMAGE: self.serve_image,
+        keys.SIGNATURE_BATCH: self.serve_batch,
+        keys.SIGNATURE_ENCODED: self.serve_encoded,
+        keys.SIGNATURE_LOGITS: self.serve_logits,
     }
 
 

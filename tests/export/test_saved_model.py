@@ -210,6 +210,27 @@ def test_no_device_is_pinned_in_the_graph(bundle):
   assert all(n.op == 'Const' for n in graph.node if n.device)
 
 
+def _saved_function_names(saved_model_dir: str) -> list:
+  """The graph library's function names without their trace counters."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = saved_model_pb2.SavedModel()
+  proto.ParseFromString(
+      (pathlib.Path(saved_model_dir) / 'saved_model.pb').read_bytes())
+  (meta_graph,) = proto.meta_graphs
+  return [re.sub(r'_\d+$', '', f.signature.name)
+          for f in meta_graph.graph_def.library.function]
+
+
+def test_every_function_is_saved_once(bundle):
+  """One trace per function: a signature traced before the save would be
+  written beside the save's own trace of it, and every copy of the network
+  graph costs memory at load time."""
+  names = _saved_function_names(bundle.saved_model_dir)
+  assert '__inference__network_logits' in names
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  assert not repeated, repeated
+
+
 def test_metadata_describes_labels_and_preprocessing(bundle):
   metadata = saved_model.load_metadata(bundle.saved_model_dir)
   assert metadata['preprocessing']['crop_size'] == [helpers.CROP] * 2
