@@ -171,17 +171,23 @@ def _called_functions(node_or_attrs):
   return names
 
 
+def _meta_graph(saved_model_dir: str):
+  """The one MetaGraphDef of an exported SavedModel."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = saved_model_pb2.SavedModel()
+  proto.ParseFromString(
+      (pathlib.Path(saved_model_dir) / 'saved_model.pb').read_bytes())
+  (meta_graph,) = proto.meta_graphs
+  return meta_graph
+
+
 def test_no_device_is_pinned_in_the_graph(bundle):
   """Everything the signatures run is unplaced, so TF picks GPU when present.
 
   The only pinned nodes are TF's own checkpoint save/restore functions (file
   I/O always runs on the host CPU) and a constant feeding them.
   """
-  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
-  proto = saved_model_pb2.SavedModel()
-  proto.ParseFromString(
-      (pathlib.Path(bundle.saved_model_dir) / 'saved_model.pb').read_bytes())
-  (meta_graph,) = proto.meta_graphs
+  meta_graph = _meta_graph(bundle.saved_model_dir)
   graph = meta_graph.graph_def
   functions = {f.signature.name: f for f in graph.library.function}
   by_name = {n.name: n for n in graph.node}
@@ -212,13 +218,8 @@ def test_no_device_is_pinned_in_the_graph(bundle):
 
 def _saved_function_names(saved_model_dir: str) -> list:
   """The graph library's function names without their trace counters."""
-  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
-  proto = saved_model_pb2.SavedModel()
-  proto.ParseFromString(
-      (pathlib.Path(saved_model_dir) / 'saved_model.pb').read_bytes())
-  (meta_graph,) = proto.meta_graphs
-  return [re.sub(r'_\d+$', '', f.signature.name)
-          for f in meta_graph.graph_def.library.function]
+  return [re.sub(r'_\d+$', '', f.signature.name) for f in
+          _meta_graph(saved_model_dir).graph_def.library.function]
 
 
 def test_every_function_is_saved_once(bundle):
