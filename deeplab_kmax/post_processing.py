@@ -220,6 +220,64 @@ def top_two_slots(probs: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
   return top_probs, tf.stack([first, second], axis=-1)
 
 
+# Slack for the softmax's rounding when bounding a second claimant's
+# probability by 1 - p1 (a float32 softmax over 128 slots sums to 1 within
+# ~1e-5).
+_SUM_SLACK = 1e-3
+
+
+def claiming_slots(probs: tf.Tensor, pixel_confidence_threshold: float
+                   ) -> Tuple[tf.Tensor, tf.Tensor]:
+  """`top_two_slots` where a second slot can claim, the best slot elsewhere.
+
+  A second slot claims a pixel only if its probability p2 passes the
+  threshold t; p2 <= p1 and p2 <= 1 - p1, so only pixels with
+  t < p1 < 1 - t can have two claimants: in a trained model a thin band
+  along mask borders. The second pass runs on those pixels only, gathered,
+  instead of a masked copy of the whole [B, P, N] tensor and two more
+  reductions over it (at 1281x1281 with 128 slots, 840 MB each). Under XLA,
+  which needs static shapes, the dense `top_two_slots` runs instead.
+
+  Args:
+    probs: [B, P, N] softmax probabilities.
+    pixel_confidence_threshold: t, at least TWO_CLAIMS_MIN_THRESHOLD.
+
+  Returns:
+    ([B, P, 2] float32 probabilities, [B, P, 2] int32 slots), best first.
+    Where no second claim is possible the second entry is (0.0, slot 0): the
+    claims (probability > t) are those of `top_two_slots`.
+  """
+  if _in_xla_context():
+    return top_two_slots(probs)
+  num_slots = _num_slots(probs)
+  first = tf.argmax(probs, axis=-1, output_type=tf.int32)  # [B, P]
+  first_prob = tf.reduce_max(probs, axis=-1)  # [B, P]
+  shared = tf.logical_and(
+      first_prob > pixel_confidence_threshold,
+      first_prob < 1.0 - pixel_confidence_threshold + _SUM_SLACK)
+  where = tf.where(shared)  # [K, 2] (image, pixel)
+  rows = tf.gather_nd(probs, where)  # [K, N]
+  is_first = tf.equal(tf.range(num_slots),
+                      tf.gather_nd(first, where)[:, tf.newaxis])  # [K, N]
+  others = tf.where(is_first, tf.constant(-1.0, probs.dtype), rows)
+  shape = tf.shape(first, out_type=tf.int64)
+  second = tf.scatter_nd(
+      where, tf.argmax(others, axis=-1, output_type=tf.int32), shape)
+  second_prob = tf.scatter_nd(where, tf.reduce_max(others, axis=-1), shape)
+  return (tf.stack([first_prob, second_prob], axis=-1),
+          tf.stack([first, second], axis=-1))
+
+
+def _in_xla_context() -> bool:
+  """Whether ops are being traced for XLA (jit_compile, TPU replicas)."""
+  try:
+    from tensorflow.python.ops import control_flow_util  # pylint: disable=g-import-not-at-top
+  except ImportError:  # moved in a later TensorFlow: take the static path
+    return True
+  return control_flow_util.GraphOrParentsInXlaContext(
+      tf.compat.v1.get_default_graph())
+
+
 def paste_two_claim_masks(claim_slots: tf.Tensor, claimed: tf.Tensor,
                           rank_to_slot: tf.Tensor, pasteable: tf.Tensor,
                           overlapping_threshold: float) -> tf.Tensor:
@@ -391,7 +449,8 @@ def maskwise_panoptic_inference(
   upsampled = tf.reshape(upsampled, [batch, height * width, -1])  # [B, P, N]
   probs = tf.nn.softmax(upsampled, axis=-1)
   if uses_two_claim_paste(options.pixel_confidence_threshold, num_slots):
-    top_probs, claim_slots = top_two_slots(probs)  # [B, P, 2]
+    top_probs, claim_slots = claiming_slots(
+        probs, options.pixel_confidence_threshold)  # [B, P, 2]
     pixel_confidence = top_probs[..., 0]  # = max over the slots
     # The softmax keeps the logits' order, so this is their argmax too (up
     # to logits so close that their probabilities round to the same float).

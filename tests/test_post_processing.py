@@ -503,6 +503,44 @@ def test_two_claim_paste_equals_the_dense_paste(overlapping_threshold):
   assert len(np.unique(dense.numpy())) > 5
 
 
+@pytest.mark.parametrize('threshold', [0.34, 0.4, 0.45])
+def test_claiming_slots_claim_what_the_dense_pass_claims(threshold):
+  """Same first slot and probability everywhere and the same claimed
+  (slot, probability) pairs as the dense two-argmax pass, on blobby masks
+  whose borders are shared and with exact ties; some pixels have two
+  claimants, and the second pass ran on a part of the pixels only."""
+  rng = np.random.default_rng(7)
+  coarse = rng.standard_normal((2, 5, 6, 30)).astype(np.float32) * 6
+  logits = resize.bilinear(coarse, (40, 47)).numpy().reshape(2, -1, 30)
+  logits[0, :4] = 0.0  # every slot tied
+  logits[0, 4, [3, 9]] = 50.0  # two slots tied at 0.5
+  probs = tf.nn.softmax(logits)
+  dense_probs, dense_slots = pp.top_two_slots(probs)
+  probs_, slots = pp.claiming_slots(probs, threshold)
+  np.testing.assert_array_equal(slots[..., 0].numpy(),
+                                dense_slots[..., 0].numpy())
+  np.testing.assert_array_equal(probs_[..., 0].numpy(),
+                                dense_probs[..., 0].numpy())
+  claimed = (dense_probs > threshold).numpy()
+  np.testing.assert_array_equal((probs_ > threshold).numpy(), claimed)
+  np.testing.assert_array_equal(slots.numpy()[claimed],
+                                dense_slots.numpy()[claimed])
+  np.testing.assert_array_equal(probs_.numpy()[claimed],
+                                dense_probs.numpy()[claimed])
+  assert claimed[..., 1].sum() > 5 and claimed[0, 4, 1]
+  gathered = np.sum(probs_.numpy()[..., 1] > 0)
+  assert 0 < gathered < 0.5 * claimed[..., 0].size
+
+
+def test_claiming_slots_under_xla_take_the_dense_pass():
+  probs = tf.nn.softmax(np.random.default_rng(8).standard_normal(
+      (1, 50, 9)).astype(np.float32) * 3)
+  xla = tf.function(lambda p: pp.claiming_slots(p, 0.4), jit_compile=True)
+  dense = pp.top_two_slots(probs)
+  for got, expected in zip(xla(probs), dense):
+    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+
+
 def test_top_two_slots_are_top_k():
   """Same slots and probabilities as tf.math.top_k(k=2) without ties; with
   ties, the same probabilities and the same claimed set above 0.34."""
