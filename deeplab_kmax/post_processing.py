@@ -208,16 +208,23 @@ def top_two_slots(probs: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
   Returns:
     ([B, P, 2] float32 probabilities, [B, P, 2] int32 slots), best first.
   """
-  num_slots = _num_slots(probs)
   first = tf.argmax(probs, axis=-1, output_type=tf.int32)  # [B, P]
-  is_first = tf.equal(tf.range(num_slots), first[..., tf.newaxis])  # [B, P, N]
-  others = tf.where(is_first, tf.constant(-1.0, probs.dtype), probs)
-  second = tf.argmax(others, axis=-1, output_type=tf.int32)  # [B, P]
-  # Maxima rather than a gather at the two slots: no faster or slower here,
-  # and no flattened index that could pass 2**31 for big batches.
-  top_probs = tf.stack([tf.reduce_max(probs, axis=-1),
-                        tf.reduce_max(others, axis=-1)], axis=-1)
+  second, second_prob = _runner_up(probs, first)
+  top_probs = tf.stack([tf.reduce_max(probs, axis=-1), second_prob], axis=-1)
   return top_probs, tf.stack([first, second], axis=-1)
+
+
+def _runner_up(probs: tf.Tensor, first: tf.Tensor
+               ) -> Tuple[tf.Tensor, tf.Tensor]:
+  """[..., N] probabilities and the index of their maximum [...] -> slot
+  and probability of the best other slot."""
+  is_first = tf.equal(tf.range(_num_slots(probs)),
+                      first[..., tf.newaxis])  # [..., N]
+  others = tf.where(is_first, tf.constant(-1.0, probs.dtype), probs)
+  # Maxima rather than a gather at the slot: no faster or slower here, and
+  # no flattened index that could pass 2**31 for big batches.
+  return (tf.argmax(others, axis=-1, output_type=tf.int32),
+          tf.reduce_max(others, axis=-1))
 
 
 # Slack for the softmax's rounding when bounding a second claimant's
@@ -249,21 +256,17 @@ def claiming_slots(probs: tf.Tensor, pixel_confidence_threshold: float
   """
   if _in_xla_context():
     return top_two_slots(probs)
-  num_slots = _num_slots(probs)
   first = tf.argmax(probs, axis=-1, output_type=tf.int32)  # [B, P]
   first_prob = tf.reduce_max(probs, axis=-1)  # [B, P]
   shared = tf.logical_and(
       first_prob > pixel_confidence_threshold,
       first_prob < 1.0 - pixel_confidence_threshold + _SUM_SLACK)
   where = tf.where(shared)  # [K, 2] (image, pixel)
-  rows = tf.gather_nd(probs, where)  # [K, N]
-  is_first = tf.equal(tf.range(num_slots),
-                      tf.gather_nd(first, where)[:, tf.newaxis])  # [K, N]
-  others = tf.where(is_first, tf.constant(-1.0, probs.dtype), rows)
+  second, second_prob = _runner_up(tf.gather_nd(probs, where),  # [K, N]
+                                   tf.gather_nd(first, where))  # [K]
   shape = tf.shape(first, out_type=tf.int64)
-  second = tf.scatter_nd(
-      where, tf.argmax(others, axis=-1, output_type=tf.int32), shape)
-  second_prob = tf.scatter_nd(where, tf.reduce_max(others, axis=-1), shape)
+  second = tf.scatter_nd(where, second, shape)  # [B, P]
+  second_prob = tf.scatter_nd(where, second_prob, shape)
   return (tf.stack([first_prob, second_prob], axis=-1),
           tf.stack([first, second], axis=-1))
 
