@@ -7,7 +7,7 @@ COCO-like inputs: 128 slots of random mask logits at stride 4 (normal noise
 times the sharpness; larger means more confident masks and fewer pixels on
 shared borders) and class logits with every slot a confident detection, so
 the whole merge runs. Times (median of --repeats calls, tf.function, after
-a warm-up call; the two variants alternate within one process):
+a warm-up call; the three alternate within one process):
 
   merge:    `maskwise_panoptic_inference`, upsampling to the output size
             included (what inference pays after the network);
@@ -33,15 +33,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout, installed or not
 
 
-def _times_ms(fn: Callable[[], object], repeats: int) -> List[float]:
+def _time_ms(fn: Callable[[], object]) -> float:
+  """Milliseconds of one call, until every output is computed."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for value in tf.nest.flatten(fn()):
-      value.numpy()
-    times.append(1e3 * (time.perf_counter() - start))
-  return times
+  start = time.perf_counter()
+  for value in tf.nest.flatten(fn()):
+    value.numpy()
+  return 1e3 * (time.perf_counter() - start)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -89,10 +87,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                'gathered': lambda: gathered(probs)}
       times = {name: [] for name in calls}
       for call in calls.values():
-        _times_ms(call, 1)  # trace
+        _time_ms(call)  # trace
       for _ in range(args.repeats):
         for name, call in calls.items():
-          times[name] += _times_ms(call, 1)
+          times[name].append(_time_ms(call))
       del probs
       ratio = (statistics.median(times['gathered']) /
                statistics.median(times['dense']))
