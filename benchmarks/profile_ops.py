@@ -2,6 +2,8 @@
 
   python benchmarks/profile_ops.py                       # COCO R50, 641
   python benchmarks/profile_ops.py --crop=129 --top=15 --modes=infer
+  python benchmarks/profile_ops.py --crop=1281 --modes=infer \
+      --scope_depth=3 --inter_op_threads=1          # per model part
 
 Profiles one call of each mode with the TensorFlow profiler
 (`tf.profiler.experimental`) after an untimed warm-up call (tracing):
@@ -12,7 +14,8 @@ Profiles one call of each mode with the TensorFlow profiler
          training=True, gradients of a scalar of the outputs for all
          trainable variables, as ../shared/bench/side_by_side.py measures).
 
-The trace's op events (`name:OpType`) are summed per op type; shares are of
+The trace's op events (`name:OpType`) are summed per op type, or with
+--scope_depth per scope of the node names; shares are of
 the summed op time, so they stay meaningful on a loaded machine even when
 wall times do not.
 """
@@ -36,16 +39,21 @@ COCO_R50 = 'configs/coco/kmax_meta_r50.textproto'
 _OP_EVENT = re.compile(r'^[^:\s]+:([A-Za-z_][A-Za-z0-9_]*)$')
 
 
-def op_time_by_type(xspace) -> Dict[str, float]:
-  """Microseconds per op type over every plane and line of an XSpace."""
+def op_times(xspace, scope_depth: int = 0) -> Dict[str, float]:
+  """Microseconds per op type over every plane and line of an XSpace; with
+  `scope_depth` > 0, per node-name scope of that depth instead (e.g. 3:
+  "kMaXDeepLab/kmax_pixel_decoder/stage_1")."""
   totals = collections.Counter()
   for plane in xspace.planes:
     names = {key: meta.name for key, meta in plane.event_metadata.items()}
     for line in plane.lines:
       for event in line.events:
-        match = _OP_EVENT.match(names.get(event.metadata_id, ''))
+        name = names.get(event.metadata_id, '')
+        match = _OP_EVENT.match(name)
         if match:
-          totals[match.group(1)] += event.duration_ps / 1e6
+          group = (match.group(1) if not scope_depth else '/'.join(
+              name.split(':')[0].split('/')[:scope_depth]))
+          totals[group] += event.duration_ps / 1e6
   return dict(totals)
 
 
@@ -61,8 +69,8 @@ def _load_xspaces(logdir: str):
   return spaces
 
 
-def profile(step, args) -> Dict[str, float]:
-  """Op time per type of one profiled `step(*args)` call."""
+def profile(step, args, scope_depth: int = 0) -> Dict[str, float]:
+  """Op time per type (or scope) of one profiled `step(*args)` call."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   network_steps.block(step(*args))  # Trace outside the profile.
   with tempfile.TemporaryDirectory() as logdir:
@@ -73,7 +81,7 @@ def profile(step, args) -> Dict[str, float]:
       tf.profiler.experimental.stop()
     totals = collections.Counter()
     for space in _load_xspaces(logdir):
-      totals.update(op_time_by_type(space))
+      totals.update(op_times(space, scope_depth))
   return dict(totals)
 
 
@@ -92,6 +100,12 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--modes', default='infer,train')
   parser.add_argument('--top', type=int, default=10)
+  parser.add_argument('--scope_depth', type=int, default=0,
+                      help='group by node-name scope of this depth (3: '
+                      'model/module/stage) instead of by op type')
+  parser.add_argument('--inter_op_threads', type=int, default=0,
+                      help='1 runs one op at a time, so op times do not '
+                      'overlap (0: TensorFlow default)')
   args = parser.parse_args(argv)
 
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -99,6 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   from deeplab_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
   from deeplab_kmax import model as model_lib  # pylint: disable=g-import-not-at-top
 
+  if args.inter_op_threads:
+    tf.config.threading.set_inter_op_parallelism_threads(
+        args.inter_op_threads)
   config = config_lib.load_config(args.config_file)
   model = model_lib.build_model(config)  # variables at a small size
   images = tf.constant(np.random.default_rng(0).uniform(
@@ -106,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   steps = {'infer': network_steps.infer_step(model),
            'train': network_steps.train_step(model)}
   for mode in args.modes.split(','):
-    totals = profile(steps[mode], (images,))
+    totals = profile(steps[mode], (images,), args.scope_depth)
     print(f'{mode} {args.crop}x{args.crop} b{args.batch}: '
           f'{sum(totals.values()) / 1e3:.0f} ms of op time')
     for name, millis, share in top_ops(totals, args.top):
