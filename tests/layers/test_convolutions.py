@@ -5,11 +5,7 @@ import pytest
 import tensorflow as tf
 
 from deeplab_kmax.layers import convolutions
-
-
-def _ops_of(fn, x):
-  graph = tf.function(fn).get_concrete_function(x).graph
-  return {op.type for op in graph.get_operations()}
+from tests import graph_ops
 
 
 @pytest.mark.parametrize('strides,rate,size', [(1, 6, 21), (1, 18, 21),
@@ -40,7 +36,7 @@ def test_dilated_conv_is_one_op_and_equals_space_to_batch(strides, rate,
     np.testing.assert_allclose(got.numpy() / scale, want.numpy() / scale,
                                atol=1e-5)
 
-  op_types = _ops_of(layer, x)
+  op_types = graph_ops.traced_op_types(layer, x)
   assert 'SpaceToBatchND' not in op_types, op_types
   assert 'Conv2D' in op_types, op_types
 

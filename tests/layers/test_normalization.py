@@ -12,6 +12,7 @@ import tensorflow as tf
 import tf_keras
 
 from deeplab_kmax.layers import normalization
+from tests import graph_ops
 
 
 def _pair(channels: int, rank: int):
@@ -32,17 +33,12 @@ def _pair(channels: int, rank: int):
   return ours, keras, tf.random.stateless_normal(shape, seed=[1, 2]) * 3.0
 
 
-def _op_types(fn, x):
-  return {op.type for op in
-          tf.function(fn).get_concrete_function(x).graph.get_operations()}
-
-
 @pytest.mark.parametrize('training', [False, None])
 def test_inference_on_maps_runs_the_fused_kernel(training):
   ours, keras, x = _pair(16, rank=4)
   np.testing.assert_allclose(ours(x, training=training),
                              keras(x, training=training), rtol=0, atol=1e-5)
-  ops = _op_types(lambda t: ours(t, training=training), x)
+  ops = graph_ops.traced_op_types(lambda t: ours(t, training=training), x)
   assert 'FusedBatchNormV3' in ops
   assert not ops & {'Mul', 'AddV2', 'Sub', 'Rsqrt'}, ops
 
@@ -71,7 +67,7 @@ def test_single_replica_training_is_fused_and_equals_keras():
                              keras.moving_mean.numpy(), rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(ours.moving_variance.numpy(),
                              keras.moving_variance.numpy(), rtol=1e-6)
-  ops = _op_types(lambda t: ours(t, training=True), x)
+  ops = graph_ops.traced_op_types(lambda t: ours(t, training=True), x)
   assert 'FusedBatchNormV3' in ops
   assert 'Rsqrt' not in ops, ops
 
@@ -85,7 +81,7 @@ def test_one_value_per_channel_keeps_keras_computation():
                                 keras(x, training=True))
   np.testing.assert_array_equal(ours.moving_variance.numpy(),
                                 keras.moving_variance.numpy())
-  assert 'FusedBatchNormV3' not in _op_types(
+  assert 'FusedBatchNormV3' not in graph_ops.traced_op_types(
       lambda t: ours(t, training=True), x)
 
 
@@ -130,7 +126,7 @@ def test_sequences_use_keras_computation():
   ours, keras, x = _pair(8, rank=3)
   np.testing.assert_array_equal(ours(x, training=False),
                                 keras(x, training=False))
-  assert 'FusedBatchNormV3' not in _op_types(
+  assert 'FusedBatchNormV3' not in graph_ops.traced_op_types(
       lambda t: ours(t, training=False), x)
 
 

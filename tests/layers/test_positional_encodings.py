@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from deeplab_kmax.layers import positional_encodings
+from tests import graph_ops
 
 
 def naive_table(table: np.ndarray, length: int) -> np.ndarray:
@@ -53,8 +54,8 @@ def test_dynamic_length_inside_tf_function():
   concrete = expand.get_concrete_function()
   assert concrete.structured_outputs.shape.as_list() == [None, None, 4]
   # No gather on the variable (it breaks graph freezing for tf2onnx).
-  op_types = {op.type for op in concrete.graph.get_operations()}
-  assert not op_types & {'ResourceGather', 'GatherV2', 'GatherNd'}
+  assert not graph_ops.op_types(concrete.graph) & {
+      'ResourceGather', 'GatherV2', 'GatherNd'}
 
 
 def test_variable_and_checkpoint_name(tmp_path):
