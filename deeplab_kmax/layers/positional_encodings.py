@@ -95,8 +95,12 @@ class RelativePositionalEncoding(tf_keras.layers.Layer):
         trainable=True)
     super().build(input_shape)
 
-  def call(self, length: Length) -> tf.Tensor:
-    return relative_position_table(self.embeddings, length)
+  def call(self, length: Length, transposed: bool = False) -> tf.Tensor:
+    """[L, L, depth]; with `transposed`, out[i, j] holds offset i - j (the
+    two position axes swapped), taken by reversing the table's rows, which
+    negates every offset, instead of transposing the expanded tensor."""
+    table = tf.reverse(self.embeddings, [0]) if transposed else self.embeddings
+    return relative_position_table(table, length)
 
   def get_config(self):
     return {

@@ -39,6 +39,17 @@ def test_clipping_beyond_default_span():
   np.testing.assert_array_equal(got[299, 0], table[0])
 
 
+@pytest.mark.parametrize('span,length', [(255, 7), (3, 3), (3, 8)])
+def test_transposed_swaps_the_position_axes_exactly(span, length):
+  layer = positional_encodings.RelativePositionalEncoding(
+      5, 'key_rpe', max_span=span)
+  out = layer(length).numpy()
+  transposed = layer(length, transposed=True).numpy()
+  np.testing.assert_array_equal(transposed, np.transpose(out, [1, 0, 2]))
+  np.testing.assert_array_equal(
+      out, naive_table(layer.embeddings.numpy(), length))
+
+
 def test_dynamic_length_inside_tf_function():
   layer = positional_encodings.RelativePositionalEncoding(4, 'query_rpe')
 
